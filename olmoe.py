@@ -1,0 +1,632 @@
+#!/usr/bin/env python3
+"""OLMoE (allenai/OLMoE-1B-7B-0924 / -0125) in one file of tinygrad.
+
+A pre-norm decoder whose every feed-forward layer is a mixture of experts: a softmax router sends each token
+to k of E SwiGLU experts (dropless, no renormalisation by default) and adds their outputs weighted by the
+router probabilities. Attention has QK-norm over the full projection width and rotary embeddings. The logits
+equal Hugging Face transformers' `OlmoeForCausalLM` on the same weights (tests/test_olmoe.py).
+
+Shape legend (used in the comments on every line that changes a shape):
+  B  batch                      T  tokens in this call           S  cached + new positions (keys)
+  D  hidden_size                I  intermediate_size per expert  V  vocab_size
+  nh query heads                nkv key/value heads              hd head dim = D // nh
+  E  num_experts                k  num_experts_per_tok           N  = B*T tokens, flattened
+  L  num_hidden_layers
+
+Sections, in the order data flows: config, building blocks (norm, rope, attention), the router, the
+experts and the MoE block, the decoder, losses, generation, tokenizer, checkpoint loading, command line.
+
+Not handled: training-time features of the original codebase beyond its losses (no expert parallelism, no
+capacity factor: routing is dropless), rope types other than default/linear/dynamic, `attention_bias=True`,
+sliding windows, quantised weights, and speculative decoding.
+"""
+from __future__ import annotations
+import argparse, codecs, json, math, os, re, struct, sys, time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Iterator, NamedTuple
+import numpy as np
+from tinygrad import Tensor, TinyJit, UOp, dtypes
+from tinygrad.dtype import DType
+from tinygrad.helpers import tqdm
+
+
+class OlmoeError(Exception):
+  """Bad input (a missing file, a malformed checkpoint, an impossible request): the CLI prints one line, exits 2."""
+
+
+# ================================================ config ================================================
+
+@dataclass(frozen=True)
+class OlmoeConfig:
+  vocab_size: int = 50304                     # V: rows of the embedding and of the LM head (>= the tokenizer's)
+  hidden_size: int = 2048                     # D: width of the residual stream
+  intermediate_size: int = 1024               # I: hidden width of one SwiGLU expert
+  num_hidden_layers: int = 16                 # L: decoder blocks, every one of them MoE
+  num_attention_heads: int = 16               # nh: query heads
+  num_key_value_heads: int | None = None      # nkv: key/value heads (grouped-query attention when < nh); None = nh
+  max_position_embeddings: int = 4096         # longest sequence the model was trained for (and our KV cache size)
+  rope_theta: float = 10000.0                 # RoPE base wavelength
+  rope_scaling: dict | None = None            # {"rope_type": "linear" | "dynamic", "factor": f} or None
+  rms_norm_eps: float = 1e-5                  # eps inside the RMSNorm's rsqrt
+  clip_qkv: float | None = None               # clamp q, k, v to [-c, c] after the q/k norms (None = off)
+  num_experts: int = 64                       # E: experts per MoE layer
+  num_experts_per_tok: int = 8                # k: experts each token is routed to
+  norm_topk_prob: bool = False                # renormalise the k chosen probabilities to sum to 1 (OLMoE: no)
+  router_aux_loss_coef: float = 0.01          # alpha: weight of the load-balancing loss in training
+  router_z_loss_coef: float = 0.001           # beta: weight of the router z-loss (OLMoE paper; not in transformers)
+  tie_word_embeddings: bool = False           # LM head shares the embedding matrix
+  pad_token_id: int | None = 1                # id used to left-pad batches
+  bos_token_id: int | None = None             # OLMoE prepends no BOS
+  eos_token_id: int | list[int] | None = 50279  # generation stops at this id (or any of these ids)
+  model_type: str = "olmoe"                   # what config.json must say
+
+  @property
+  def head_dim(self) -> int: return self.hidden_size // self.num_attention_heads
+  @property
+  def n_kv_heads(self) -> int: return self.num_key_value_heads or self.num_attention_heads
+  @property
+  def eos_ids(self) -> tuple[int, ...]:
+    e = self.eos_token_id
+    return () if e is None else tuple(e) if isinstance(e, (list, tuple)) else (e,)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "OlmoeConfig":
+    """Read a Hugging Face config.json dict (transformers 4.x keys or 5.x `rope_parameters`)."""
+    if d.get("model_type") != cls.model_type:
+      raise OlmoeError(f"config.json has model_type {d.get('model_type')!r}, this file runs {cls.model_type!r}")
+    d = dict(d)
+    rope = d.pop("rope_parameters", None) or {}
+    if "rope_theta" in rope: d.setdefault("rope_theta", rope["rope_theta"])
+    if rope.get("rope_type", rope.get("type", "default")) != "default": d["rope_scaling"] = rope
+    if "num_local_experts" in d: d.setdefault("num_experts", d["num_local_experts"])
+    if d.get("hidden_act", "silu") != "silu": raise OlmoeError(f"unsupported hidden_act {d['hidden_act']!r} (only silu)")
+    if d.get("attention_bias"): raise OlmoeError("unsupported: attention_bias=true")
+    known = {f.name for f in fields(cls)}
+    cfg = cls(**{k: v for k, v in d.items() if k in known and v is not None or k in ("num_key_value_heads", "clip_qkv",
+                                                                                     "rope_scaling", "eos_token_id",
+                                                                                     "pad_token_id", "bos_token_id")
+                 and k in d})
+    if cfg.rope_scaling is not None:
+      kind = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type"))
+      if kind not in ("linear", "dynamic"):
+        raise OlmoeError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, dynamic)")
+    if cfg.hidden_size % cfg.num_attention_heads or cfg.num_attention_heads % cfg.n_kv_heads:
+      raise OlmoeError("config: hidden_size must divide into heads, and heads into key/value heads")
+    if not 0 < cfg.num_experts_per_tok <= cfg.num_experts:
+      raise OlmoeError(f"config: num_experts_per_tok={cfg.num_experts_per_tok} must be in 1..num_experts={cfg.num_experts}")
+    return cfg
+
+
+# ============================================ building blocks ============================================
+
+def linear(x: Tensor, w: Tensor) -> Tensor:
+  """x @ w.T for an (out, in) weight, accumulated in fp32 and rounded once to x's dtype (as torch does in bf16)."""
+  return x.float().matmul(w.float().T).cast(x.dtype)
+
+def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
+  """OLMoE/Llama RMSNorm: normalise in fp32, cast back to x's dtype, then scale (in x's dtype)."""
+  xf = x.float()
+  return w * (xf * (xf.square().mean(-1, keepdim=True) + eps).rsqrt()).cast(x.dtype)
+
+def rope_inv_freq(cfg: OlmoeConfig, seq_len: int | UOp | None = None) -> Tensor:
+  """(hd/2,) inverse frequencies 1/theta^(2j/hd), with linear or dynamic-NTK scaling as transformers applies it."""
+  hd, theta, s = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling or {}
+  j = Tensor.arange(0, hd, 2, dtype=dtypes.float32) / hd                      # (hd/2,)
+  kind, factor = s.get("rope_type", s.get("type")), float(s.get("factor", 1.0))
+  if kind == "dynamic" and seq_len is not None:
+    # NTK: stretch the base once the sequence outgrows the trained length (recomputed for each call's length)
+    m = cfg.max_position_embeddings
+    ratio = (Tensor(seq_len).float().maximum(m) * factor / m - (factor - 1))
+    return 1.0 / (theta * ratio.pow(hd / (hd - 2))).pow(j)
+  inv = 1.0 / Tensor(theta, dtype=dtypes.float32).pow(j)
+  return inv / factor if kind == "linear" else inv
+
+def rope_tables(positions: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+  """cos, sin of shape (B, 1, T, hd) for integer positions (B, T): the rotate-half layout repeats the angles."""
+  ang = positions.float().unsqueeze(-1) * inv_freq                           # (B, T, hd/2)
+  ang = ang.cat(ang, dim=-1).unsqueeze(1)                                    # (B, 1, T, hd)
+  return ang.cos(), ang.sin()
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+  """Rotate pairs (x_j, x_{j+hd/2}) by the position's angle: x*cos + rotate_half(x)*sin, rotate_half = (-x2, x1)."""
+  x1, x2 = x.chunk(2, dim=-1)                                                # (B, h, T, hd/2) each
+  return x * cos + (-x2).cat(x1, dim=-1) * sin                               # (B, h, T, hd)
+
+
+class Attention:
+  """Multi-head attention with QK-norm over the full q/k projection width, RoPE, optional clip_qkv, GQA, KV cache."""
+  rope_in_fp32 = False         # OLMoE casts cos/sin to the model dtype (FlexOlmo rotates in fp32)
+
+  def __init__(self, cfg: OlmoeConfig):
+    D, nh, nkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.n_kv_heads, cfg.head_dim
+    self.cfg = cfg
+    self.q_proj = Tensor.normal(nh * hd, D, std=0.02)                        # (nh*hd, D)
+    self.k_proj = Tensor.normal(nkv * hd, D, std=0.02)                       # (nkv*hd, D)
+    self.v_proj = Tensor.normal(nkv * hd, D, std=0.02)                       # (nkv*hd, D)
+    self.o_proj = Tensor.normal(D, nh * hd, std=0.02)                        # (D, nh*hd)
+    self.q_norm = Tensor.ones(nh * hd)                                       # (nh*hd,) one RMS over all heads
+    self.k_norm = Tensor.ones(nkv * hd)                                      # (nkv*hd,)
+    self.cache_kv: Tensor | None = None                                      # (2, B, nkv, S_max, hd) when generating
+
+  def norm(self, x: Tensor, w: Tensor) -> Tensor: return rms_norm(x, w, self.cfg.rms_norm_eps)
+
+  def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, start_pos: int | UOp = 0) -> Tensor:
+    cfg, (B, T, _) = self.cfg, x.shape
+    nh, nkv, hd = cfg.num_attention_heads, cfg.n_kv_heads, cfg.head_dim
+    q = self.norm(linear(x, self.q_proj), self.q_norm)                      # (B, T, nh*hd)
+    k = self.norm(linear(x, self.k_proj), self.k_norm)                      # (B, T, nkv*hd)
+    v = linear(x, self.v_proj)                                              # (B, T, nkv*hd)
+    if cfg.clip_qkv is not None: q, k, v = (t.clip(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+    q = q.reshape(B, T, nh, hd).transpose(1, 2)                             # (B, nh, T, hd)
+    k = k.reshape(B, T, nkv, hd).transpose(1, 2)                            # (B, nkv, T, hd)
+    v = v.reshape(B, T, nkv, hd).transpose(1, 2)                            # (B, nkv, T, hd)
+    if self.rope_in_fp32: q, k = apply_rope(q.float(), cos, sin).cast(x.dtype), apply_rope(k.float(), cos, sin).cast(x.dtype)
+    else: q, k = apply_rope(q, cos.cast(x.dtype), sin.cast(x.dtype)), apply_rope(k, cos.cast(x.dtype), sin.cast(x.dtype))
+    if self.cache_kv is not None:                                           # write this call's keys, read all so far
+      self.cache_kv[:, :, :, start_pos:start_pos + T].assign(Tensor.stack(k, v)).realize()
+      k, v = self.cache_kv[0, :, :, :start_pos + T], self.cache_kv[1, :, :, :start_pos + T]  # (B, nkv, S, hd)
+    # grouped-query attention: nh/nkv query heads share one key/value head (transformers' repeat_kv order)
+    q = q.reshape(B, nkv, nh // nkv, T, hd)                                 # (B, nkv, nh/nkv, T, hd)
+    k, v = k.unsqueeze(2), v.unsqueeze(2)                                   # (B, nkv, 1, S, hd)
+    scores = q.float().matmul(k.float().transpose(-1, -2)).cast(x.dtype) * hd ** -0.5   # (B, nkv, nh/nkv, T, S)
+    p = mask.unsqueeze(1).unsqueeze(1).where(scores.float(), -math.inf).softmax(-1).cast(x.dtype)  # (B, nkv, nh/nkv, T, S)
+    o = p.float().matmul(v.float()).cast(x.dtype)                           # (B, nkv, nh/nkv, T, hd)
+    o = o.reshape(B, nh, T, hd).transpose(1, 2).reshape(B, T, nh * hd)      # (B, T, nh*hd)
+    return linear(o, self.o_proj)                                           # (B, T, D)
+
+
+# ================================================ router ================================================
+
+def topk(p: Tensor, k: int) -> tuple[Tensor, Tensor]:
+  """The k largest entries of the last axis, descending (ties go to the lower index): values, int32 indices."""
+  E = p.shape[-1]
+  ar = Tensor.arange(E)
+  # rank[e] = how many entries beat entry e; the k entries of rank < k are the top-k, and rank is their slot
+  beats = (p.unsqueeze(-2) > p.unsqueeze(-1)) | ((p.unsqueeze(-2) == p.unsqueeze(-1)) & (ar < ar.unsqueeze(-1)))
+  rank = beats.sum(-1)                                                       # (..., E)
+  slot = rank.unsqueeze(-2) == Tensor.arange(k).unsqueeze(-1)                # (..., k, E): slot s holds expert e
+  idx = (slot * ar).sum(-1).cast(dtypes.int32)                               # (..., k)
+  return slot.where(p.unsqueeze(-2), 0).sum(-1), idx                         # (..., k), (..., k)
+
+def route(h: Tensor, W_r: Tensor, k: int, renormalise: bool = False,
+          expert_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+  """The router: z = W_r h, p = softmax(z) over all E experts (fp32), keep the top k.
+
+  h (N, D) hidden states, W_r (E, D) router weights, expert_mask (E,) bool (False = the expert is excluded: its
+  logit becomes -inf before the softmax, so it takes no slot and the softmax renormalises over the rest).
+  Returns z (N, E) logits in the model dtype, g (N, k) weights in the model dtype (summing to < 1 unless
+  `renormalise`), and i (N, k) int32 expert ids, slot 0 the most probable.
+  """
+  z = linear(h, W_r)                                                         # (N, E)
+  zf = z.float() if expert_mask is None else expert_mask.where(z.float(), -math.inf)
+  p = zf.softmax(-1)                                                         # (N, E) fp32
+  g, i = topk(p, k)                                                          # (N, k), (N, k)
+  if renormalise: g = g / g.sum(-1, keepdim=True)
+  return z, g.cast(z.dtype), i
+
+
+# ======================================= experts and the MoE block =======================================
+
+class SparseMoeBlock:
+  """E SwiGLU experts stored as stacked tensors (gpt-fast style), indexed on the device by the routed expert ids.
+
+  expert_e(x) = W_down[e] (silu(W_gate[e] x) * W_up[e] x); gate and up are stored fused as gate_up_proj[e] =
+  [W_gate[e]; W_up[e]] (transformers 5's layout), so one gathered matrix gives both.
+  y = sum_{s<k} g_s * expert_{i_s}(x): only the k chosen experts run for each token (no dense all-experts compute).
+  """
+  def __init__(self, cfg: OlmoeConfig):
+    E, D, I = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+    self.cfg = cfg
+    self.gate = Tensor.normal(E, D, std=0.02)                                # (E, D) router W_r
+    self.experts_gate_up_proj = Tensor.normal(E, 2 * I, D, std=0.02)         # (E, 2I, D)
+    self.experts_down_proj = Tensor.normal(E, D, I, std=0.02)                # (E, D, I)
+
+  def __call__(self, x: Tensor, expert_mask: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    B, T, D = x.shape
+    k, I = self.cfg.num_experts_per_tok, self.cfg.intermediate_size
+    h = x.reshape(B * T, D)                                                  # (N, D)
+    z, g, i = route(h, self.gate, k, self.cfg.norm_topk_prob, expert_mask)   # (N, E), (N, k), (N, k)
+    y = expert_ffn(h, i, self.experts_gate_up_proj, self.experts_down_proj, I)  # (N, k, D)
+    out = (y * g.unsqueeze(-1)).float().sum(1).cast(x.dtype)                 # (N, D) weighted sum over the k slots
+    return out.reshape(B, T, D), (z, g, i)
+
+def expert_ffn(h: Tensor, i: Tensor, gate_up: Tensor, down: Tensor, I: int) -> Tensor:
+  """Run each token through its k chosen experts: h (N, D), i (N, k) -> (N, k, D), weights gathered by id."""
+  N, D = h.shape
+  wgu, wd = gate_up[i], down[i]                                              # (N, k, 2I, D), (N, k, D, I)
+  gu = h.float().reshape(N, 1, 1, D).matmul(wgu.float().transpose(-1, -2)).cast(h.dtype)  # (N, k, 1, 2I)
+  a = gu[..., :I].silu() * gu[..., I:]                                       # (N, k, 1, I) SwiGLU
+  return a.float().matmul(wd.float().transpose(-1, -2)).cast(h.dtype).reshape(N, -1, D)  # (N, k, D)
+
+
+# ================================================ decoder ================================================
+
+class DecoderLayer:
+  """Pre-norm block: h += attn(norm(h)); h += moe(norm(h))."""
+  def __init__(self, cfg: OlmoeConfig):
+    self.cfg = cfg
+    self.input_layernorm = Tensor.ones(cfg.hidden_size)                      # (D,)
+    self.self_attn = Attention(cfg)
+    self.post_attention_layernorm = Tensor.ones(cfg.hidden_size)             # (D,) the norm *before* the MoE
+    self.mlp = SparseMoeBlock(cfg)
+
+  def __call__(self, h, cos, sin, mask, start_pos=0, expert_mask=None):
+    eps = self.cfg.rms_norm_eps
+    h = h + self.self_attn(rms_norm(h, self.input_layernorm, eps), cos, sin, mask, start_pos)      # (B, T, D)
+    m, routing = self.mlp(rms_norm(h, self.post_attention_layernorm, eps), expert_mask)
+    return h + m, routing                                                                          # (B, T, D)
+
+
+class Routing(NamedTuple):
+  """Per layer (a list of L entries): router logits z (N, E), weights g (N, k), expert ids i (N, k)."""
+  logits: list[Tensor]
+  weights: list[Tensor]
+  experts: list[Tensor]
+
+
+class Olmoe:
+  """The causal LM: embed, L decoder layers, final norm, LM head. `model(ids)` -> logits (B, T, V)."""
+  Layer = DecoderLayer
+  norm_fn = staticmethod(rms_norm)
+
+  def __init__(self, cfg: OlmoeConfig):
+    self.cfg = cfg
+    self.embed_tokens = Tensor.normal(cfg.vocab_size, cfg.hidden_size, std=0.02)   # (V, D)
+    self.layers = [self.Layer(cfg) for _ in range(cfg.num_hidden_layers)]
+    self.norm = Tensor.ones(cfg.hidden_size)                                       # (D,)
+    self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else Tensor.normal(cfg.vocab_size, cfg.hidden_size, std=0.02)
+    self.expert_mask: Tensor | None = None          # (E,) bool: experts allowed to take a slot (None = all)
+    self._decoders: dict = {}                       # TinyJit'd decode steps, one per batch size
+
+  @property
+  def dtype(self) -> DType: return self.embed_tokens.dtype
+
+  def forward(self, ids: Tensor, positions: Tensor, mask: Tensor, start_pos: int | UOp = 0,
+              last_only: bool = False) -> tuple[Tensor, Routing]:
+    """ids (B, T) int, positions (B, T) int, mask (B, T, S) bool (True = query may attend to key)."""
+    h = self.embed_tokens[ids]                                                     # (B, T, D)
+    cos, sin = rope_tables(positions, rope_inv_freq(self.cfg, start_pos + ids.shape[1]))   # (B, 1, T, hd) each
+    routing = Routing([], [], [])
+    for layer in self.layers:
+      h, (z, g, i) = layer(h, cos, sin, mask, start_pos, self.expert_mask)         # (B, T, D)
+      routing.logits.append(z); routing.weights.append(g); routing.experts.append(i)
+    if last_only: h = h[:, -1:]                                                    # (B, 1, D) generation needs one row
+    return linear(self.norm_fn(h, self.norm, self.cfg.rms_norm_eps), self.lm_head), routing   # (B, T, V)
+
+  def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+               return_routing: bool = False):
+    """Logits (B, T, V) for input_ids (B, T); attention_mask (B, T) of 1/0 marks (left) padding, as in transformers.
+
+    As in transformers, positions default to 0..T-1 whatever the padding (pass position_ids to change that).
+    With return_routing=True also returns a `Routing` (router logits per layer, for the losses and analyses)."""
+    B, T = input_ids.shape
+    if position_ids is None: position_ids = Tensor.arange(T).reshape(1, T).expand(B, T)
+    mask = attention_mask_3d(T, T, 0, None if attention_mask is None else attention_mask.cast(dtypes.bool))
+    logits, routing = self.forward(input_ids, position_ids, mask)
+    return (logits, routing) if return_routing else logits
+
+  def parameters(self) -> dict[str, Tensor]:
+    """Every weight, named as in transformers 5 (fused experts), without the `model.` prefix and `.weight`."""
+    out = {"embed_tokens": self.embed_tokens, "norm": self.norm}
+    if not self.cfg.tie_word_embeddings: out["lm_head"] = self.lm_head
+    for l, layer in enumerate(self.layers):
+      for name, t in _attrs(layer): out[f"layers.{l}.{name}"] = t
+    return out
+
+def _attrs(obj, prefix="") -> Iterator[tuple[str, Tensor]]:
+  for name, v in vars(obj).items():
+    if isinstance(v, Tensor) and name != "cache_kv": yield prefix + name.replace("experts_", "experts."), v
+    elif isinstance(v, (Attention, SparseMoeBlock)): yield from _attrs(v, f"{prefix}{name}.")
+
+def attention_mask_3d(T: int, S: int, start_pos: int | UOp, key_ok: Tensor | None) -> Tensor:
+  """(B|1, T, S) bool: query t (absolute position start_pos+t) sees key s if s <= it and the key is not padding.
+
+  key_ok (B, S) bool marks real (non-padding) keys. A query always sees itself, so a padding row is never empty
+  (its output is meaningless but finite; real tokens never attend to it)."""
+  q = (Tensor.arange(T) + start_pos).reshape(T, 1)                                # (T, 1) absolute query positions
+  s = Tensor.arange(S).reshape(1, S)                                              # (1, S)
+  causal = (s <= q).unsqueeze(0)                                                  # (1, T, S)
+  if key_ok is None: return causal
+  return causal & (key_ok.unsqueeze(1) | (s == q).unsqueeze(0))                   # (B, T, S)
+
+
+# ================================================ losses ================================================
+
+def load_balancing_loss(router_logits: list[Tensor], num_experts: int, k: int,
+                        attention_mask: Tensor | None = None) -> Tensor:
+  """transformers' Switch-style auxiliary loss over all layers: E * sum_e f_e * P_e.
+
+  f_e = share of (token, slot) assignments that went to expert e (sums to k over e), P_e = mean router probability
+  of e. Perfectly uniform routing gives k (not 1: transformers does not divide by k). Padding (mask 0) is ignored."""
+  p = Tensor.cat(*[z.softmax(-1) for z in router_logits], dim=0).float()         # (L*N, E), softmax in z's dtype
+  _, i = topk(p, k)                                                               # (L*N, k)
+  hits = (i.unsqueeze(-1) == Tensor.arange(num_experts)).float().sum(1)           # (L*N, E) 0/1 per expert
+  m = Tensor.ones(p.shape[0], 1) if attention_mask is None else \
+      attention_mask.reshape(1, -1).expand(len(router_logits), -1).reshape(-1, 1).float()   # (L*N, 1)
+  f, P = (hits * m).sum(0) / m.sum(), (p * m).sum(0) / m.sum()                     # (E,), (E,)
+  return (f * P).sum() * num_experts
+
+def router_z_loss(router_logits: list[Tensor]) -> Tensor:
+  """Mean over tokens and layers of logsumexp(z)^2: keeps router logits small (OLMoE paper, ST-MoE)."""
+  return Tensor.cat(*[z.float().logsumexp(-1) for z in router_logits]).square().mean()
+
+def lm_loss(model: Olmoe, ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+  """Training objective CE + alpha * LB + beta * Z for a batch ids (B, T); returns (total, parts)."""
+  logits, routing = model(ids, attention_mask, return_routing=True)               # (B, T, V)
+  labels = ids[:, 1:] if attention_mask is None else attention_mask[:, 1:].cast(dtypes.bool).where(ids[:, 1:], -100)
+  ce = logits[:, :-1].float().sparse_categorical_crossentropy(labels, ignore_index=-100)
+  lb = load_balancing_loss(routing.logits, model.cfg.num_experts, model.cfg.num_experts_per_tok, attention_mask)
+  z = router_z_loss(routing.logits)
+  total = ce + model.cfg.router_aux_loss_coef * lb + model.cfg.router_z_loss_coef * z
+  return total, {"ce": ce, "lb": lb, "z": z}
+
+
+# ============================================== generation ==============================================
+
+def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.0, top_k: int = 0,
+           top_p: float = 1.0) -> np.ndarray:
+  """Next ids (B,) from last-position logits (B, V): greedy at temperature 0, else softmax(logits/T) restricted to
+  the top_k most likely ids (0 = all) and to the smallest set whose probability reaches top_p."""
+  if temperature <= 0: return logits.argmax(-1)
+  out = []
+  for row in logits.astype(np.float64) / temperature:
+    order = np.argsort(-row, kind="stable")[:top_k or None]                      # candidate ids, most likely first
+    p = np.exp(row[order] - row[order[0]]); p /= p.sum()
+    keep = int(np.searchsorted(np.cumsum(p), top_p) + 1) if top_p < 1.0 else len(p)   # nucleus: smallest set >= top_p
+    p = p[:keep] / p[:keep].sum()
+    out.append(order[rng.choice(keep, p=p)])
+  return np.array(out)
+
+
+class Step(NamedTuple):
+  """One generated position for every row of the batch; routing arrays are (L, B, k) when asked for."""
+  tokens: list[int]
+  weights: np.ndarray | None = None
+  experts: np.ndarray | None = None
+
+
+def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_ids: tuple[int, ...] | None = None,
+             with_routing: bool = False) -> Iterator[Step]:
+  """Yield one `Step` per new position for a batch of prompts (token-id lists, left-padded here).
+
+  The whole prompt goes through the model in one prefill call; each later token is one `TinyJit`-compiled decode
+  step at a symbolic position. Routing stays on the device; only the last-position logits come back to sample.
+  A row that produced a stop id (default: the config's EOS) keeps yielding the pad id until every row stopped."""
+  cfg = model.cfg
+  if not prompts or any(len(p) == 0 for p in prompts): raise OlmoeError("empty prompt")
+  if max_new_tokens <= 0: raise OlmoeError(f"max_new_tokens must be positive, got {max_new_tokens}")
+  P, B, S_max = max(map(len, prompts)), len(prompts), cfg.max_position_embeddings
+  if P > S_max - 1: raise OlmoeError(f"prompt of {P} tokens is longer than the model's context ({S_max} positions)")
+  stop = set(cfg.eos_ids if stop_ids is None else stop_ids)
+  rng = np.random.default_rng(seed)
+  pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+  npad = [P - len(p) for p in prompts]
+  ids = Tensor([[pad] * n + p for n, p in zip(npad, prompts)], dtype=dtypes.int32)          # (B, P)
+  key_ok = Tensor([[0] * n + [1] * (S_max - n) for n in npad], dtype=dtypes.bool)           # (B, S_max)
+  offset = Tensor(npad, dtype=dtypes.int32).reshape(B, 1)                                   # (B, 1) position shift
+  for layer in model.layers:                                                                # fresh KV cache
+    layer.self_attn.cache_kv = Tensor.zeros(2, B, cfg.n_kv_heads, S_max, cfg.head_dim, dtype=model.dtype).contiguous().realize()
+  # prefill: all P prompt positions in one call
+  positions = Tensor.arange(P).reshape(1, P) - offset                                       # (B, P)
+  mask = attention_mask_3d(P, P, 0, key_ok[:, :P])                                          # (B, P, P)
+  logits, routing = model.forward(ids, positions, mask, 0, last_only=True)
+  decode = model._decoders.setdefault(B, TinyJit(_decode_step))
+  v_pos = UOp.variable("start_pos", 1, S_max - 1)
+  done = [False] * B
+  for n in range(min(max_new_tokens, S_max - P)):
+    out = _last(logits, routing, with_routing)
+    nxt = sample(out[0], rng, temperature, top_k, top_p)
+    toks = [pad if d else int(t) for d, t in zip(done, nxt)]
+    yield Step(toks, *out[1:])
+    done = [d or t in stop for d, t in zip(done, toks)]
+    if all(done) or n + 1 == max_new_tokens: break
+    logits, routing = decode(model, Tensor(toks, dtype=dtypes.int32).reshape(B, 1), v_pos.bind(P + n), key_ok, offset)
+  for layer in model.layers: layer.self_attn.cache_kv = None
+
+def _decode_step(model: Olmoe, tok: Tensor, start_pos: UOp, key_ok: Tensor, offset: Tensor):
+  """One new token per row at position start_pos (symbolic, so one compiled graph serves every position)."""
+  positions = (Tensor.arange(1) + start_pos).reshape(1, 1) - offset                        # (B, 1)
+  mask = attention_mask_3d(1, start_pos + 1, start_pos, key_ok[:, :start_pos + 1])          # (B, 1, S)
+  logits, r = model.forward(tok, positions, mask, start_pos, last_only=True)
+  return logits.realize(), Routing([], [w.realize() for w in r.weights], [i.realize() for i in r.experts])
+
+def _last(logits: Tensor, routing: Routing, with_routing: bool):
+  """Bring the (B, V) last-position logits (and, if asked, the last position's routing) to the host."""
+  lg = logits[:, -1].float().numpy()
+  if not with_routing: return lg, None, None
+  B = lg.shape[0]
+  last = lambda ts: np.stack([t.reshape(B, -1, t.shape[-1])[:, -1].float().numpy() for t in ts])   # (L, B, k)
+  return lg, last(routing.weights), last(routing.experts).astype(np.int64)
+
+
+class TextStream:
+  """Turn a stream of token ids into text, holding back bytes of a UTF-8 character until it is complete."""
+  def __init__(self, tokenizer: "Tokenizer"):
+    self.tokenizer, self.utf8 = tokenizer, codecs.getincrementaldecoder("utf-8")(errors="replace")
+  def push(self, token_id: int) -> str: return self.utf8.decode(self.tokenizer.decode_bytes([token_id]))
+  def flush(self) -> str: return self.utf8.decode(b"", final=True)
+
+
+# =============================================== tokenizer ===============================================
+
+try:
+  from tokenizer_draft import Tokenizer  # noqa: E402  (placeholder until the tokenizer section lands)
+except ImportError:
+  Tokenizer = None
+
+
+# =========================================== checkpoint loading ===========================================
+
+def read_safetensors_header(path: Path) -> dict:
+  """The JSON header of a .safetensors file, checked against the file's size (catches truncated downloads)."""
+  try:
+    with open(path, "rb") as f:
+      (n,) = struct.unpack("<Q", f.read(8))
+      header = json.loads(f.read(n))
+  except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
+    raise OlmoeError(f"{path}: not a readable safetensors file ({e.__class__.__name__})") from None
+  end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+  if 8 + n + end > path.stat().st_size:
+    raise OlmoeError(f"{path}: truncated ({path.stat().st_size} bytes, the header promises {8 + n + end})")
+  return header
+
+def checkpoint_files(folder: Path) -> list[Path]:
+  """model.safetensors, or the shards named by model.safetensors.index.json."""
+  index = folder / "model.safetensors.index.json"
+  if index.exists():
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    missing = [s for s in shards if not (folder / s).exists()]
+    if missing: raise OlmoeError(f"{folder}: shard {missing[0]} named in model.safetensors.index.json is missing")
+    return [folder / s for s in shards]
+  if (folder / "model.safetensors").exists(): return [folder / "model.safetensors"]
+  raise OlmoeError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+def read_state_dict(folder: Path) -> dict[str, Tensor]:
+  """Every tensor of the checkpoint as a lazy, disk-backed tinygrad Tensor in its stored dtype (nothing read yet)."""
+  from tinygrad.nn.state import safe_load
+  state: dict[str, Tensor] = {}
+  for path in checkpoint_files(folder):
+    read_safetensors_header(path)
+    state.update(safe_load(str(path)))
+  return state
+
+EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+
+def hf_to_ours(state: dict[str, Tensor], cfg: OlmoeConfig) -> Iterator[tuple[str, Tensor]]:
+  """Map transformers' key names to ours: drop `model.`/`.weight`; stack per-expert weights (gate and up fused)."""
+  per_expert: dict[tuple[int, str], dict[int, Tensor]] = {}
+  for key, t in state.items():
+    if key.endswith("rotary_emb.inv_freq"): continue                      # a buffer some old files carry
+    if (m := EXPERT_KEY.fullmatch(key)):
+      per_expert.setdefault((int(m[1]), m[3]), {})[int(m[2])] = t
+    else:
+      yield key.removeprefix("model.").removesuffix(".weight"), t
+  for l in sorted({l for l, _ in per_expert}):
+    parts = {}
+    for part in ("gate_proj", "up_proj", "down_proj"):
+      got = per_expert.get((l, part), {})
+      if sorted(got) != list(range(cfg.num_experts)):
+        raise OlmoeError(f"checkpoint: layer {l} has {part} for {len(got)} experts, config says {cfg.num_experts}")
+      parts[part] = Tensor.stack(*[got[e].to(None) for e in range(cfg.num_experts)])   # (E, out, in)
+    yield f"layers.{l}.mlp.experts.gate_up_proj", parts["gate_proj"].cat(parts["up_proj"], dim=1)  # (E, 2I, D)
+    yield f"layers.{l}.mlp.experts.down_proj", parts["down_proj"]                                     # (E, D, I)
+
+def load_weights(model: Olmoe, state: dict[str, Tensor], dtype: DType | None = None, progress: bool = True) -> None:
+  """Assign every checkpoint tensor to the model, checking names and shapes; read layer by layer from disk."""
+  ours = model.parameters()
+  got = dict(hf_to_ours(state, model.cfg))
+  if model.cfg.tie_word_embeddings: got.pop("lm_head", None)
+  unknown, missing = sorted(set(got) - set(ours)), sorted(set(ours) - set(got))
+  if unknown: raise OlmoeError(f"checkpoint: unexpected tensor {unknown[0]!r} (and {len(unknown) - 1} more)")
+  if missing: raise OlmoeError(f"checkpoint: missing tensor {missing[0]!r} (and {len(missing) - 1} more)")
+  for name, t in got.items():
+    if t.shape != ours[name].shape:
+      raise OlmoeError(f"checkpoint: {name} has shape {t.shape}, config implies {ours[name].shape}")
+  dtype = dtype or got["embed_tokens"].dtype
+  if dtype not in (dtypes.float32, dtypes.bfloat16, dtypes.float16):
+    raise OlmoeError(f"unsupported weight dtype {dtype}")
+  groups: dict[str, list[str]] = {}                                        # read one decoder layer at a time
+  for name in got: groups.setdefault(".".join(name.split(".")[:2]) if name.startswith("layers.") else name, []).append(name)
+  for g in tqdm(list(groups), desc="loading", disable=not progress):
+    for name in groups[g]:
+      _set(model, name, got[name].to(None).cast(dtype).contiguous().realize())
+  if model.cfg.tie_word_embeddings: model.lm_head = model.embed_tokens
+
+def _set(model: Olmoe, name: str, t: Tensor) -> None:
+  parts = name.replace("experts.", "experts_").split(".")
+  obj = model
+  for p in parts[:-1]: obj = obj[int(p)] if p.isdigit() else getattr(obj, p)
+  setattr(obj, parts[-1], t)
+
+def resolve_model_dir(name: str) -> Path:
+  """A local folder, or a Hugging Face hub repo id fetched with huggingface_hub (needs a network)."""
+  p = Path(name).expanduser()
+  if p.is_dir(): return p
+  if p.exists(): raise OlmoeError(f"{name}: not a folder (expected config.json + safetensors + tokenizer.json)")
+  if name.count("/") != 1 or name.startswith((".", "/")): raise OlmoeError(f"{name}: no such folder")
+  try:
+    from huggingface_hub import snapshot_download
+  except ImportError:
+    raise OlmoeError(f"{name} is not a local folder; to download it, pip install huggingface_hub") from None
+  try:
+    return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
+  except Exception as e:  # the hub client raises many kinds (offline, 404, auth)
+    raise OlmoeError(f"could not download {name} from the Hugging Face hub ({e.__class__.__name__}); "
+                     f"download it elsewhere and pass --model DIR") from None
+
+def read_config(folder: Path) -> dict:
+  try: return json.loads((folder / "config.json").read_text())
+  except FileNotFoundError: raise OlmoeError(f"{folder}: no config.json") from None
+  except ValueError as e: raise OlmoeError(f"{folder}/config.json: invalid JSON ({e})") from None
+
+def load(name: str, dtype: DType | str | None = None, progress: bool = True,
+         config_cls=OlmoeConfig, model_cls=Olmoe) -> tuple[Olmoe, "Tokenizer | None"]:
+  """(model, tokenizer) from a folder holding config.json, safetensors (sharded or not) and tokenizer.json.
+
+  Weights keep their stored dtype unless `dtype` is given ("float32" to compare with an fp32 reference)."""
+  folder = resolve_model_dir(name)
+  cfg = config_cls.from_dict(read_config(folder))
+  model = model_cls(cfg)
+  load_weights(model, read_state_dict(folder), getattr(dtypes, dtype) if isinstance(dtype, str) else dtype, progress)
+  tok = Tokenizer.from_file(folder / "tokenizer.json") if Tokenizer and (folder / "tokenizer.json").exists() else None
+  return model, tok
+
+
+# ============================================== command line ==============================================
+
+def show_routing(step: Step, names: list[str] | None = None, row: int = 0) -> str:
+  """One line per layer: the token's k experts (ids, or names) with their weights, e.g. `L3   12 .31 | 40 .12 | ...`."""
+  name = (lambda e: names[e]) if names else str
+  return "\n".join(f"  L{l:<3}" + " | ".join(f"{name(int(e))} {w:.2f}".replace(" 0.", " .") for e, w in
+                                             zip(step.experts[l, row], step.weights[l, row])) for l in range(step.experts.shape[0]))
+
+def build_parser(prog: str, default_model: str | None) -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(prog=prog, description="Generate text with a mixture-of-experts language model.")
+  ap.add_argument("--prompt", required=True, action="append", help="text to continue (repeat for a batch)")
+  ap.add_argument("--model", default=default_model, help="folder with config.json + safetensors + tokenizer.json, or a hub repo id")
+  ap.add_argument("--max-new-tokens", type=int, default=64)
+  ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+  ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+  ap.add_argument("--seed", type=int, default=None)
+  ap.add_argument("--show-routing", action="store_true", help="print each generated token's experts per layer")
+  return ap
+
+def run_cli(args, model, tok, expert_names: list[str] | None = None) -> None:
+  """Encode the prompts and stream the first one's continuation; other prompts of a batch print at the end."""
+  if args.max_new_tokens <= 0: raise OlmoeError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+  if any(not p for p in args.prompt): raise OlmoeError("empty prompt")
+  if tok is None: raise OlmoeError("the model folder has no tokenizer.json")
+  prompts = [tok.encode(p) for p in args.prompt]
+  streams, texts, done = [TextStream(tok) for _ in prompts], ["" for _ in prompts], [False for _ in prompts]
+  print(args.prompt[0], end="", flush=True)
+  for step in generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                       with_routing=args.show_routing):
+    for b, t in enumerate(step.tokens):
+      if done[b] or t in model.cfg.eos_ids:
+        done[b] = True
+        continue
+      piece = streams[b].push(t)
+      texts[b] += piece
+      if b == 0: print(piece, end="", flush=True)
+    if args.show_routing and not done[0]: print("\n" + show_routing(step, expert_names), flush=True)
+  print(streams[0].flush(), flush=True)
+  for p, t, s in list(zip(args.prompt, texts, streams))[1:]: print(f"--- {p}{t}{s.flush()}")
+
+def main(argv=None) -> int:
+  args = build_parser("olmoe.py", None).parse_args(argv)
+  try:
+    if args.model is None:
+      raise OlmoeError("no model: pass --model DIR (config.json + safetensors + tokenizer.json) or "
+                       "--model allenai/OLMoE-1B-7B-0924 to download the real one")
+    model, tok = load(args.model)
+    run_cli(args, model, tok)
+  except OlmoeError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+if __name__ == "__main__":
+  sys.exit(main())
