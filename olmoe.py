@@ -104,6 +104,12 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
   """x @ w.T for an (out, in) weight, accumulated in fp32 and rounded once to x's dtype (as torch does in bf16)."""
   return x.float().matmul(w.float().T).cast(x.dtype)
 
+def take(w: Tensor, i: Tensor) -> Tensor:
+  """Rows w[i] gathered on the device. 16-bit floats move as raw bits (exact, and tinygrad's CPU backend has no
+  bf16 reduction to gather with)."""
+  if w.dtype.itemsize != 2: return w[i]
+  return w.bitcast(dtypes.uint16)[i].bitcast(w.dtype)
+
 def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
   """OLMoE/Llama RMSNorm: normalise in fp32, cast back to x's dtype, then scale (in x's dtype)."""
   xf = x.float()
@@ -234,7 +240,7 @@ class SparseMoeBlock:
 def expert_ffn(h: Tensor, i: Tensor, gate_up: Tensor, down: Tensor, I: int) -> Tensor:
   """Run each token through its k chosen experts: h (N, D), i (N, k) -> (N, k, D), weights gathered by id."""
   N, D = h.shape
-  wgu, wd = gate_up[i], down[i]                                              # (N, k, 2I, D), (N, k, D, I)
+  wgu, wd = take(gate_up, i), take(down, i)                                        # (N, k, 2I, D), (N, k, D, I)
   gu = h.float().reshape(N, 1, 1, D).matmul(wgu.float().transpose(-1, -2)).cast(h.dtype)  # (N, k, 1, 2I)
   a = gu[..., :I].silu() * gu[..., I:]                                       # (N, k, 1, I) SwiGLU
   return a.float().matmul(wd.float().transpose(-1, -2)).cast(h.dtype).reshape(N, -1, D)  # (N, k, D)
@@ -285,7 +291,7 @@ class Olmoe:
   def forward(self, ids: Tensor, positions: Tensor, mask: Tensor, start_pos: int | UOp = 0,
               last_only: bool = False) -> tuple[Tensor, Routing]:
     """ids (B, T) int, positions (B, T) int, mask (B, T, S) bool (True = query may attend to key)."""
-    h = self.embed_tokens[ids]                                                     # (B, T, D)
+    h = take(self.embed_tokens, ids)                                               # (B, T, D)
     cos, sin = rope_tables(positions, rope_inv_freq(self.cfg, start_pos + ids.shape[1]))   # (B, 1, T, hd) each
     routing = Routing([], [], [])
     for layer in self.layers:
@@ -594,10 +600,16 @@ def build_parser(prog: str, default_model: str | None) -> argparse.ArgumentParse
   ap.add_argument("--show-routing", action="store_true", help="print each generated token's experts per layer")
   return ap
 
-def run_cli(args, model, tok, expert_names: list[str] | None = None) -> None:
-  """Encode the prompts and stream the first one's continuation; other prompts of a batch print at the end."""
+def check_request(args) -> None:
+  """Reject impossible requests before spending time on loading a model."""
   if args.max_new_tokens <= 0: raise OlmoeError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
   if any(not p for p in args.prompt): raise OlmoeError("empty prompt")
+  if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+    raise OlmoeError("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+
+def run_cli(args, model, tok, expert_names: list[str] | None = None) -> None:
+  """Encode the prompts and stream the first one's continuation; other prompts of a batch print at the end."""
+  check_request(args)
   if tok is None: raise OlmoeError("the model folder has no tokenizer.json")
   prompts = [tok.encode(p) for p in args.prompt]
   streams, texts, done = [TextStream(tok) for _ in prompts], ["" for _ in prompts], [False for _ in prompts]
@@ -621,7 +633,8 @@ def main(argv=None) -> int:
     if args.model is None:
       raise OlmoeError("no model: pass --model DIR (config.json + safetensors + tokenizer.json) or "
                        "--model allenai/OLMoE-1B-7B-0924 to download the real one")
-    model, tok = load(args.model)
+    check_request(args)
+    model, tok = load(args.model, progress=sys.stderr.isatty())
     run_cli(args, model, tok)
   except OlmoeError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,279 @@
+"""olmoe.py against independent oracles: transformers' OlmoeForCausalLM (fp32, eager) on tiny random checkpoints it
+wrote itself, numpy, and outputs computed by hand."""
+import json, math, os, subprocess, sys
+import numpy as np
+import pytest
+import torch
+from tinygrad import Tensor, dtypes
+from conftest import ROOT, save_hf_olmoe, hf_reference
+import olmoe
+
+CONFIGS = {   # each one exercises a field of OlmoeConfig that changes the math
+  "gqa": dict(num_key_value_heads=2),
+  "clip_qkv": dict(clip_qkv=0.15),
+  "renormalised_topk": dict(norm_topk_prob=True, num_experts_per_tok=3),
+  "tied_embeddings": dict(tie_word_embeddings=True),
+  "rope_linear": dict(rope_scaling={"rope_type": "linear", "factor": 4.0}, rope_theta=500.0),
+  "rope_dynamic": dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=8),
+  "top1_of_4": dict(num_experts=4, num_experts_per_tok=1, num_key_value_heads=1),
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def pair(request, tmp_path_factory):
+  path = save_hf_olmoe(tmp_path_factory.mktemp(request.param), seed=len(request.param), **CONFIGS[request.param])
+  model, _ = olmoe.load(str(path), progress=False)
+  return request.param, model, hf_reference(path)
+
+
+def test_logits_and_router_logits_match_transformers(pair):
+  name, model, ref = pair
+  ids = torch.randint(2, 320, (2, 13), generator=torch.Generator().manual_seed(3))
+  with torch.no_grad(): out = ref(ids, output_router_logits=True)
+  logits, routing = model(Tensor(ids.numpy()), return_routing=True)
+  assert np.abs(logits.numpy() - out.logits.numpy()).max() <= 1e-4, name
+  for ours, theirs in zip(routing.logits, out.router_logits):
+    assert np.abs(ours.numpy() - theirs.numpy()).max() <= 1e-5
+  # transformers' aux_loss is the load-balancing loss over all layers
+  lb = olmoe.load_balancing_loss(routing.logits, model.cfg.num_experts, model.cfg.num_experts_per_tok).item()
+  assert abs(lb - out.aux_loss.item()) <= 1e-5
+
+
+def test_padded_batch_matches_transformers(tmp_path):
+  path = save_hf_olmoe(tmp_path, seed=5, num_key_value_heads=2)
+  model, _ = olmoe.load(str(path), progress=False)
+  ref = hf_reference(path)
+  ids = torch.randint(2, 320, (3, 10), generator=torch.Generator().manual_seed(4))
+  mask = torch.ones(3, 10, dtype=torch.long)
+  mask[1, :4] = 0; mask[2, :9] = 0; ids[mask == 0] = 1                  # left padding
+  with torch.no_grad(): out = ref(ids, attention_mask=mask, output_router_logits=True)
+  logits, routing = model(Tensor(ids.numpy()), attention_mask=Tensor(mask.numpy()), return_routing=True)
+  real = mask.numpy().astype(bool)                                      # padded positions carry no meaning
+  assert np.abs(logits.numpy()[real] - out.logits.numpy()[real]).max() <= 1e-4
+  lb = olmoe.load_balancing_loss(routing.logits, 8, 2, Tensor(mask.numpy())).item()
+  assert abs(lb - out.aux_loss.item()) <= 1e-5
+
+
+def test_greedy_generation_matches_transformers_generate(tmp_path):
+  path = save_hf_olmoe(tmp_path, seed=7, num_key_value_heads=2)
+  model, _ = olmoe.load(str(path), progress=False)
+  ref = hf_reference(path)
+  prompts = [[5, 17, 99, 3, 250, 8, 41], [77, 12, 9]]
+  ids = torch.tensor([prompts[0], [1] * 4 + prompts[1]])
+  mask = torch.tensor([[1] * 7, [0] * 4 + [1] * 3])
+  with torch.no_grad():
+    theirs = ref.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=None,
+                          pad_token_id=1)[:, 7:].tolist()
+  ours = [s.tokens for s in olmoe.generate(model, prompts, max_new_tokens=24, stop_ids=())]
+  assert len(ours) == 24
+  assert [list(r) for r in zip(*ours)] == theirs
+  # a single prompt alone gives the same tokens as in the batch
+  alone = [s.tokens[0] for s in olmoe.generate(model, prompts[1:], max_new_tokens=24, stop_ids=())]
+  assert alone == theirs[1]
+
+
+def test_sharded_bf16_checkpoint_matches_transformers_in_bf16(tmp_path):
+  path = save_hf_olmoe(tmp_path, seed=11, dtype=torch.bfloat16, max_shard_size="50KB", num_key_value_heads=2)
+  assert (path / "model.safetensors.index.json").exists() and len(list(path.glob("model-*.safetensors"))) > 1
+  model, _ = olmoe.load(str(path), progress=False)
+  assert model.dtype == dtypes.bfloat16 and model.layers[0].mlp.experts_gate_up_proj.dtype == dtypes.bfloat16
+  ref = hf_reference(path, dtype=torch.bfloat16)
+  ids = torch.randint(2, 320, (1, 16), generator=torch.Generator().manual_seed(2))
+  with torch.no_grad(): theirs = ref(ids).logits.float().numpy()
+  ours = model(Tensor(ids.numpy())).float().numpy()
+  # bf16 keeps 8 bits of mantissa: rounding points differ slightly from torch's kernels (stated tolerance:
+  # within 2% of the logits' spread, and the same argmax almost everywhere)
+  spread = theirs.std()
+  assert np.abs(ours - theirs).max() <= 0.02 * spread * 10 and np.abs(ours - theirs).mean() <= 0.02 * spread
+  assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
+  # and the fp32 upcast of the same bf16 weights matches the fp32 reference exactly
+  model32, _ = olmoe.load(str(path), dtype="float32", progress=False)
+  with torch.no_grad(): ref32 = hf_reference(path)(ids).logits.numpy()
+  assert np.abs(model32(Tensor(ids.numpy())).numpy() - ref32).max() <= 1e-4
+
+
+def test_fused_expert_layout_loads_like_per_expert(tmp_path):
+  """transformers 5 keeps experts fused in memory (gate_up_proj (E, 2I, D), down_proj (E, D, I)); accept both."""
+  from safetensors.numpy import load_file, save_file
+  path = save_hf_olmoe(tmp_path / "a", seed=13)
+  sd = load_file(str(path / "model.safetensors"))
+  fused = {k: v for k, v in sd.items() if ".experts." not in k}
+  for l in range(2):
+    g = np.stack([sd[f"model.layers.{l}.mlp.experts.{e}.gate_proj.weight"] for e in range(8)])
+    u = np.stack([sd[f"model.layers.{l}.mlp.experts.{e}.up_proj.weight"] for e in range(8)])
+    fused[f"model.layers.{l}.mlp.experts.gate_up_proj"] = np.concatenate([g, u], axis=1)
+    fused[f"model.layers.{l}.mlp.experts.down_proj"] = np.stack([sd[f"model.layers.{l}.mlp.experts.{e}.down_proj.weight"] for e in range(8)])
+  (tmp_path / "b").mkdir()
+  save_file(fused, str(tmp_path / "b" / "model.safetensors"))
+  (tmp_path / "b" / "config.json").write_text((path / "config.json").read_text())
+  ids = Tensor([[3, 4, 5, 6, 7]])
+  a, _ = olmoe.load(str(path), progress=False)
+  b, _ = olmoe.load(str(tmp_path / "b"), progress=False)
+  assert np.array_equal(a(ids).numpy(), b(ids).numpy())
+
+
+# ----------------------------------------------- analytic tests -----------------------------------------------
+
+def test_route_on_a_hand_example():
+  # 4 experts, k=2: z = W_r h with h = (1, 0) picks column 0 of W_r: z = (2, 1, 0, -1)
+  W = Tensor([[2.0, 0], [1.0, 0], [0.0, 0], [-1.0, 0]])
+  z, g, i = olmoe.route(Tensor([[1.0, 0.0]]), W, 2)
+  p = np.exp([2, 1, 0, -1]) / np.exp([2, 1, 0, -1]).sum()      # softmax by hand: .644, .237, .087, .032
+  assert np.allclose(z.numpy(), [[2, 1, 0, -1]]) and i.numpy().tolist() == [[0, 1]]
+  assert np.allclose(g.numpy(), [p[:2]], atol=1e-6) and g.numpy().sum() < 1        # OLMoE: no renormalisation
+  _, g2, _ = olmoe.route(Tensor([[1.0, 0.0]]), W, 2, renormalise=True)
+  assert np.allclose(g2.numpy(), [p[:2] / p[:2].sum()], atol=1e-6)
+  # excluding expert 0 gives it no slot, and the softmax renormalises over the other three
+  _, g3, i3 = olmoe.route(Tensor([[1.0, 0.0]]), W, 2, expert_mask=Tensor([False, True, True, True]))
+  q = np.exp([1, 0, -1]) / np.exp([1, 0, -1]).sum()
+  assert i3.numpy().tolist() == [[1, 2]] and np.allclose(g3.numpy(), [q[:2]], atol=1e-6)
+
+
+def test_topk_ties_and_order():
+  v, i = olmoe.topk(Tensor([[0.1, 0.5, 0.5, 0.2, 0.9]]), 3)
+  assert i.numpy().tolist() == [[4, 1, 2]] and np.allclose(v.numpy(), [[0.9, 0.5, 0.5]])
+
+
+def test_identity_experts_by_hand():
+  """D = I = 2, identity gate/up/down matrices: expert(x) = silu(x) * x, so the MoE output is g-weighted copies."""
+  cfg = olmoe.OlmoeConfig(hidden_size=2, intermediate_size=2, num_experts=2, num_experts_per_tok=2,
+                          num_attention_heads=1, num_hidden_layers=1, vocab_size=4)
+  moe = olmoe.SparseMoeBlock(cfg)
+  eye = np.eye(2, dtype=np.float32)
+  moe.gate = Tensor([[1.0, 0.0], [0.0, 1.0]])                       # z = h
+  moe.experts_gate_up_proj = Tensor(np.stack([np.concatenate([eye, eye])] * 2))       # (E, 2I, D)
+  moe.experts_down_proj = Tensor(np.stack([eye, 2 * eye]))                            # expert 1 doubles
+  x = np.array([1.0, 3.0], dtype=np.float32)
+  out, (z, g, i) = moe(Tensor(x.reshape(1, 1, 2)))
+  silu = lambda t: t / (1 + np.exp(-t))
+  p = np.exp(x) / np.exp(x).sum()                                  # router probabilities of experts 0, 1
+  expected = p[0] * silu(x) * x + p[1] * 2 * silu(x) * x          # both experts chosen (k = E)
+  assert i.numpy().tolist() == [[1, 0]]
+  assert np.allclose(out.numpy().reshape(2), expected, rtol=1e-6)
+
+
+def test_rms_norm_and_rope_by_hand():
+  x = np.array([[3.0, 4.0]], dtype=np.float32)
+  y = olmoe.rms_norm(Tensor(x), Tensor([1.0, 2.0]), 0.0).numpy()
+  assert np.allclose(y, [[3 / math.sqrt(12.5), 8 / math.sqrt(12.5)]])
+  # hd = 2: one frequency (1.0); position 1 rotates (a, b) to (a cos1 - b sin1, b cos1 + a sin1)
+  cfg = olmoe.OlmoeConfig(hidden_size=2, num_attention_heads=1)
+  cos, sin = olmoe.rope_tables(Tensor([[1]]), olmoe.rope_inv_freq(cfg))
+  r = olmoe.apply_rope(Tensor([[[[1.0, 2.0]]]]), cos, sin).numpy().reshape(2)
+  assert np.allclose(r, [math.cos(1) - 2 * math.sin(1), 2 * math.cos(1) + math.sin(1)], atol=1e-6)
+
+
+def test_load_balancing_and_z_loss_by_hand():
+  # one layer, 2 tokens, 2 experts, k = 1: token 0 prefers expert 0 (p = .73), token 1 expert 1 (p = .88)
+  z = Tensor([[1.0, 0.0], [0.0, 2.0]])
+  p = np.array([[math.e / (math.e + 1), 1 / (math.e + 1)], [1 / (1 + math.e ** 2), math.e ** 2 / (1 + math.e ** 2)]])
+  f = np.array([0.5, 0.5]); P = p.mean(0)                          # each expert got one of the two tokens
+  assert abs(olmoe.load_balancing_loss([z], 2, 1).item() - 2 * (f * P).sum()) < 1e-6
+  zl = np.mean([math.log(math.e + 1) ** 2, math.log(1 + math.e ** 2) ** 2])
+  assert abs(olmoe.router_z_loss([z]).item() - zl) < 1e-5
+  # uniform routing: the loss is k, whatever E is (transformers does not divide by k)
+  assert abs(olmoe.load_balancing_loss([Tensor.zeros(8, 4)], 4, 2).item() - 2.0) < 1e-6   # P uniform: E * sum_e f_e / E = sum_e f_e = k
+
+
+def test_uniform_routing_gives_k():
+  # every token routed evenly: 4 tokens, 4 experts, k = 2, logits chosen so p is uniform but top-2 rotates
+  eps = 1e-3
+  z = Tensor([[eps, eps, 0, 0], [0, eps, eps, 0], [0, 0, eps, eps], [eps, 0, 0, eps]])
+  assert abs(olmoe.load_balancing_loss([z], 4, 2).item() - 2.0) < 1e-2
+
+
+def test_sampling_is_seeded_and_follows_the_distribution():
+  logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
+  draw = lambda seed, **kw: [int(olmoe.sample(logits, np.random.default_rng(seed), temperature=1.0, **kw)[0]) for _ in range(1)]
+  rng = np.random.default_rng(0)
+  counts = np.bincount([olmoe.sample(logits, rng, 1.0)[0] for _ in range(4000)], minlength=4) / 4000
+  assert np.abs(counts - [0.5, 0.3, 0.15, 0.05]).max() < 0.03
+  rng = np.random.default_rng(0)
+  counts = np.bincount([olmoe.sample(logits, rng, 1.0, top_k=2)[0] for _ in range(4000)], minlength=4) / 4000
+  assert counts[2:].sum() == 0 and abs(counts[0] - 0.5 / 0.8) < 0.03
+  rng = np.random.default_rng(0)
+  counts = np.bincount([olmoe.sample(logits, rng, 1.0, top_p=0.7)[0] for _ in range(2000)], minlength=4)
+  assert counts[2:].sum() == 0                                     # 0.5 + 0.3 >= 0.7: the nucleus is {0, 1}
+  assert olmoe.sample(logits, np.random.default_rng(1), 0.0)[0] == 0
+  assert draw(5) == draw(5)
+
+
+def test_text_stream_holds_back_incomplete_utf8():
+  class Bytes:   # a tokenizer whose tokens are single bytes
+    def decode_bytes(self, ids): return bytes(ids)
+  s = olmoe.TextStream(Bytes())
+  euro = "€".encode()                                              # 3 bytes
+  assert [s.push(b) for b in euro] == ["", "", "€"] and s.push(ord("a")) == "a" and s.flush() == ""
+
+
+def test_a_training_step_lowers_the_loss():
+  from tinygrad.nn.optim import AdamW
+  from tinygrad.helpers import Context
+  cfg = olmoe.OlmoeConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
+                          num_attention_heads=2, num_experts=4, num_experts_per_tok=2)
+  Tensor.manual_seed(0)
+  model = olmoe.Olmoe(cfg)
+  params = list(model.parameters().values())
+  for p in params: p.requires_grad = True
+  opt = AdamW(params, lr=3e-3)
+  ids = Tensor(np.random.default_rng(0).integers(0, 64, (4, 16)))
+  losses = []
+  with Context(TRAINING=1):
+    for _ in range(8):
+      opt.zero_grad()
+      loss, parts = olmoe.lm_loss(model, ids)
+      loss.backward()
+      opt.step()
+      losses.append(loss.item())
+  assert losses[-1] < losses[0] - 0.1
+  assert all(math.isfinite(v) for v in losses)
+  assert model.layers[0].mlp.gate.grad is not None                 # the router is trained through its weights
+
+
+# ------------------------------------------------- bad input -------------------------------------------------
+
+def run_cli(*args, cwd=ROOT):
+  return subprocess.run([sys.executable, str(ROOT / "olmoe.py"), *args], capture_output=True, text=True, cwd=cwd,
+                        timeout=600)
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+  return save_hf_olmoe(tmp_path_factory.mktemp("cli"), seed=21)
+
+def assert_clean_error(r, *words):
+  assert r.returncode == 2, r.stderr
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in r.stderr, r.stderr
+  for w in words: assert w in lines[0], lines[0]
+
+def test_cli_generates(ckpt):
+  r = run_cli("--model", str(ckpt), "--prompt", "The quick", "--max-new-tokens", "5", "--show-routing")
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.startswith("The quick") and "L0" in r.stdout and "L1" in r.stdout
+
+def test_cli_bad_input(ckpt, tmp_path):
+  assert_clean_error(run_cli("--model", str(tmp_path / "nope"), "--prompt", "hi"), "no such folder")
+  assert_clean_error(run_cli("--model", str(ckpt), "--prompt", ""), "empty prompt")
+  assert_clean_error(run_cli("--model", str(ckpt), "--prompt", "hi", "--max-new-tokens", "0"), "max-new-tokens")
+  assert_clean_error(run_cli("--model", str(ckpt), "--prompt", "hi", "--max-new-tokens", "-3"), "max-new-tokens")
+  assert_clean_error(run_cli("--model", str(ckpt), "--prompt", "a b c d e f g h " * 40), "longer than")
+
+def broken_copy(ckpt, dst, edit=None, truncate=False, drop_weights=False):
+  import shutil
+  shutil.copytree(ckpt, dst)
+  if edit:
+    cfg = json.loads((dst / "config.json").read_text()); cfg.update(edit)
+    (dst / "config.json").write_text(json.dumps(cfg))
+  st = dst / "model.safetensors"
+  if truncate: st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+  if drop_weights: st.unlink()
+  return dst
+
+def test_cli_bad_checkpoints(ckpt, tmp_path):
+  assert_clean_error(run_cli("--model", str(broken_copy(ckpt, tmp_path / "a", drop_weights=True)), "--prompt", "hi"), "no model.safetensors")
+  assert_clean_error(run_cli("--model", str(broken_copy(ckpt, tmp_path / "b", truncate=True)), "--prompt", "hi"), "truncated")
+  assert_clean_error(run_cli("--model", str(broken_copy(ckpt, tmp_path / "c", edit={"hidden_size": 32})), "--prompt", "hi"), "shape")
+  assert_clean_error(run_cli("--model", str(broken_copy(ckpt, tmp_path / "d", edit={"model_type": "llama"})), "--prompt", "hi"), "model_type")
+  assert_clean_error(run_cli("--model", str(broken_copy(ckpt, tmp_path / "e", edit={"num_experts": 6})), "--prompt", "hi"), "experts")
+  bad = broken_copy(ckpt, tmp_path / "f"); (bad / "config.json").unlink()
+  assert_clean_error(run_cli("--model", str(bad), "--prompt", "hi"), "config.json")
