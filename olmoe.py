@@ -82,11 +82,8 @@ class OlmoeConfig:
     if "num_local_experts" in d: d.setdefault("num_experts", d["num_local_experts"])
     if d.get("hidden_act", "silu") != "silu": raise OlmoeError(f"unsupported hidden_act {d['hidden_act']!r} (only silu)")
     if d.get("attention_bias"): raise OlmoeError("unsupported: attention_bias=true")
-    known = {f.name for f in fields(cls)}
-    cfg = cls(**{k: v for k, v in d.items() if k in known and v is not None or k in ("num_key_value_heads", "clip_qkv",
-                                                                                     "rope_scaling", "eos_token_id",
-                                                                                     "pad_token_id", "bos_token_id")
-                 and k in d})
+    nullable = {"num_key_value_heads", "clip_qkv", "rope_scaling", "eos_token_id", "pad_token_id", "bos_token_id"}
+    cfg = cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d and (d[f.name] is not None or f.name in nullable)})
     if cfg.rope_scaling is not None:
       kind = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type"))
       if kind not in ("linear", "dynamic"):
@@ -627,12 +624,21 @@ def run_cli(args, model, tok, expert_names: list[str] | None = None) -> None:
   print(streams[0].flush(), flush=True)
   for p, t, s in list(zip(args.prompt, texts, streams))[1:]: print(f"--- {p}{t}{s.flush()}")
 
+DEMO_MODEL = Path(__file__).resolve().parent / "models" / "olmoe-demo"   # the tiny model that ships with the repo
+REAL_MODEL = "allenai/OLMoE-1B-7B-0924"
+
+def default_model(demo: Path, real: str) -> str:
+  """The bundled demo model when no --model is given (saying so), or a clear error saying how to get one."""
+  if not (demo / "config.json").exists():
+    raise OlmoeError(f"no model: pass --model DIR (config.json + safetensors + tokenizer.json) or --model {real}")
+  print(f"[running the bundled demo model {demo.parent.name}/{demo.name}; for the real one: --model {real}]",
+        file=sys.stderr)
+  return str(demo)
+
 def main(argv=None) -> int:
   args = build_parser("olmoe.py", None).parse_args(argv)
   try:
-    if args.model is None:
-      raise OlmoeError("no model: pass --model DIR (config.json + safetensors + tokenizer.json) or "
-                       "--model allenai/OLMoE-1B-7B-0924 to download the real one")
+    if args.model is None: args.model = default_model(DEMO_MODEL, REAL_MODEL)
     check_request(args)
     model, tok = load(args.model, progress=sys.stderr.isatty())
     run_cli(args, model, tok)
