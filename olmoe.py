@@ -66,6 +66,12 @@ class OlmoeConfig:
   @property
   def n_kv_heads(self) -> int: return self.num_key_value_heads or self.num_attention_heads
   @property
+  def context_length(self) -> int:
+    """Positions the KV cache holds: dynamic NTK scaling stretches the trained length by its factor."""
+    s = self.rope_scaling or {}
+    dynamic = s.get("rope_type", s.get("type")) == "dynamic"
+    return int(self.max_position_embeddings * float(s["factor"])) if dynamic else self.max_position_embeddings
+  @property
   def eos_ids(self) -> tuple[int, ...]:
     e = self.eos_token_id
     return () if e is None else tuple(e) if isinstance(e, (list, tuple)) else (e,)
@@ -400,7 +406,7 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
   cfg = model.cfg
   if not prompts or any(len(p) == 0 for p in prompts): raise OlmoeError("empty prompt")
   if max_new_tokens <= 0: raise OlmoeError(f"max_new_tokens must be positive, got {max_new_tokens}")
-  P, B, S_max = max(map(len, prompts)), len(prompts), cfg.max_position_embeddings
+  P, B, S_max = max(map(len, prompts)), len(prompts), cfg.context_length
   if P > S_max - 1: raise OlmoeError(f"prompt of {P} tokens is longer than the model's context ({S_max} positions)")
   stop = set(cfg.eos_ids if stop_ids is None else stop_ids)
   rng = np.random.default_rng(seed)

@@ -72,6 +72,18 @@ def test_greedy_generation_matches_transformers_generate(tmp_path):
   assert alone == theirs[1]
 
 
+def test_dynamic_rope_generates_past_the_trained_length_like_transformers(tmp_path):
+  """Dynamic NTK scaling recomputes the frequencies for every call's length; the cache grows past 8 positions."""
+  path = save_hf_olmoe(tmp_path, seed=3, rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+                       max_position_embeddings=8, with_tokenizer=False)
+  model, _ = olmoe.load(str(path), progress=False)
+  prompt = [5, 17, 99, 3, 250]
+  with torch.no_grad():
+    theirs = hf_reference(path).generate(torch.tensor([prompt]), max_new_tokens=9, do_sample=False,
+                                         eos_token_id=None, pad_token_id=1)[0, 5:].tolist()
+  assert [s.tokens[0] for s in olmoe.generate(model, [prompt], 9, stop_ids=())] == theirs
+
+
 def test_sharded_bf16_checkpoint_matches_transformers_in_bf16(tmp_path):
   path = save_hf_olmoe(tmp_path, seed=11, dtype=torch.bfloat16, max_shard_size="50KB", num_key_value_heads=2)
   assert (path / "model.safetensors.index.json").exists() and len(list(path.glob("model-*.safetensors"))) > 1
@@ -257,6 +269,12 @@ def test_cli_bad_input(ckpt, tmp_path):
   assert_clean_error(run_cli("--model", str(ckpt), "--prompt", "hi", "--max-new-tokens", "0"), "max-new-tokens")
   assert_clean_error(run_cli("--model", str(ckpt), "--prompt", "hi", "--max-new-tokens", "-3"), "max-new-tokens")
   assert_clean_error(run_cli("--model", str(ckpt), "--prompt", "a b c d e f g h " * 40), "longer than")
+
+def test_cli_hub_id_without_network_is_one_line(ckpt):
+  env = dict(os.environ, HF_HUB_OFFLINE="1")
+  r = subprocess.run([sys.executable, str(ROOT / "olmoe.py"), "--model", "nobody/no-such-model", "--prompt", "hi"],
+                     capture_output=True, text=True, env=env, timeout=300)
+  assert_clean_error(r, "nobody/no-such-model")
 
 def broken_copy(ckpt, dst, edit=None, truncate=False, drop_weights=False):
   import shutil
