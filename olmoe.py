@@ -21,7 +21,7 @@ capacity factor: routing is dropless), rope types other than default/linear/dyna
 sliding windows, quantised weights, and speculative decoding.
 """
 from __future__ import annotations
-import argparse, codecs, json, math, os, re, struct, sys, time
+import argparse, codecs, json, math, os, re, struct, sys, time, unicodedata
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -460,10 +460,81 @@ class TextStream:
 
 # =============================================== tokenizer ===============================================
 
-try:
-  from tokenizer_draft import Tokenizer  # noqa: E402  (placeholder until the tokenizer section lands)
-except ImportError:
-  Tokenizer = None
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+def byte_level_alphabet() -> dict[str, int]:
+  """GPT-2's byte-level BPE writes each byte as a printable character; this maps the characters back to bytes."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+  shifted = [b for b in range(256) if b not in printable]
+  return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(shifted)}}
+
+
+class Tokenizer:
+  """A Hugging Face byte-level BPE tokenizer.json, run by tiktoken.
+
+  tiktoken merges the adjacent pair whose joined bytes have the lowest rank; giving every token the rank of the merge
+  that made it (single bytes first, then `model.merges` in order) reproduces the BPE. The pre-tokenizer regex (GPT-2's
+  for `ByteLevel`, or a `Split` pattern such as cl100k's in dolma2), the NFC normalizer and the added tokens (split
+  out first, longest match first) come from the same file. Ids equal `tokenizers`' (tests/test_tokenizer.py).
+
+  Not handled: WordPiece/Unigram models, normalizers other than NFC, `add_prefix_space=True`, added tokens with
+  lstrip/rstrip/single_word, post-processor templates (no BOS/EOS is ever inserted), BPE dropout. NFC uses Python's
+  Unicode tables; `tokenizers`' are older, so text that puts combining marks added to Unicode since then (such as
+  U+07FD) next to other marks can normalise, and so tokenise, differently."""
+
+  def __init__(self, ranks: dict[bytes, int], rank_to_id: np.ndarray, pattern: str, added: dict[str, int], nfc: bool):
+    import tiktoken
+    self.bpe = tiktoken.Encoding("hf-bpe", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+    self.rank_to_id, self.nfc, self.added = rank_to_id, nfc, added
+    self.id_to_bytes = {int(rank_to_id[r]): b for b, r in ranks.items()} | {i: t.encode() for t, i in added.items()}
+    self.split = re.compile("(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")") if added else None
+
+  @classmethod
+  def from_file(cls, path: str | Path) -> "Tokenizer":
+    try: spec = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e: raise OlmoeError(f"{path}: unreadable tokenizer.json ({e.__class__.__name__})") from None
+    model, norm, pre = spec.get("model", {}), spec.get("normalizer"), spec.get("pre_tokenizer")
+    if model.get("type") != "BPE": raise OlmoeError(f"{path}: unsupported tokenizer model {model.get('type')!r} (BPE only)")
+    if norm is not None and norm.get("type") != "NFC": raise OlmoeError(f"{path}: unsupported normalizer {norm.get('type')!r}")
+    pattern, byte_level = None, False
+    for p in (pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []):
+      if p["type"] == "ByteLevel":
+        if p.get("add_prefix_space"): raise OlmoeError(f"{path}: unsupported add_prefix_space=true")
+        byte_level = True
+        if p.get("use_regex", True): pattern = GPT2_PATTERN
+      elif p["type"] == "Split" and "Regex" in p.get("pattern", {}) and p.get("behavior") == "Isolated": pattern = p["pattern"]["Regex"]
+      else: raise OlmoeError(f"{path}: unsupported pre-tokenizer {p['type']!r}")
+    if not byte_level or pattern is None: raise OlmoeError(f"{path}: not a byte-level BPE with a split pattern")
+    for t in spec.get("added_tokens", []):
+      if t.get("lstrip") or t.get("rstrip") or t.get("single_word"): raise OlmoeError(f"{path}: unsupported added-token flags on {t['content']!r}")
+    alphabet, vocab = byte_level_alphabet(), model["vocab"]
+    to_bytes = lambda tok: bytes(alphabet[c] for c in tok)
+    order = sorted((t for t in vocab if len(t) == 1), key=vocab.get)                                  # single bytes first
+    order += ["".join(m.split(" ", 1) if isinstance(m, str) else m) for m in model.get("merges", [])]   # then merges
+    ranks: dict[bytes, int] = {}
+    for tok in order: ranks.setdefault(to_bytes(tok), len(ranks))
+    added = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    if any(to_bytes(t) not in ranks for t in vocab if t not in added):
+      raise OlmoeError(f"{path}: a vocabulary entry is neither a byte nor the result of a merge")
+    rank_to_id = np.zeros(len(ranks), dtype=np.int64)
+    for tok, i in vocab.items():
+      if tok not in added: rank_to_id[ranks[to_bytes(tok)]] = i
+    return cls(ranks, rank_to_id, pattern, added, norm is not None)
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of `text`; the text of an added or special token (e.g. `<|endoftext|>`) becomes that token."""
+    if self.nfc: text = unicodedata.normalize("NFC", text)
+    out: list[int] = []
+    for i, piece in enumerate(self.split.split(text) if self.split else [text]):
+      if i % 2: out.append(self.added[piece])                      # odd pieces are the added tokens themselves
+      elif piece: out.extend(self.rank_to_id[self.bpe.encode_ordinary(piece)].tolist())
+    return out
+
+  def decode_bytes(self, ids: list[int]) -> bytes: return b"".join(self.id_to_bytes.get(int(i), b"") for i in ids)
+  def decode(self, ids: list[int]) -> str: return self.decode_bytes(ids).decode("utf-8", errors="replace")
+  def token_to_id(self, text: str) -> int | None: return self.added.get(text)
+  @property
+  def vocab_size(self) -> int: return max(self.id_to_bytes) + 1
 
 
 # =========================================== checkpoint loading ===========================================
@@ -579,7 +650,7 @@ def load(name: str, dtype: DType | str | None = None, progress: bool = True,
   cfg = config_cls.from_dict(read_config(folder))
   model = model_cls(cfg)
   load_weights(model, read_state_dict(folder), getattr(dtypes, dtype) if isinstance(dtype, str) else dtype, progress)
-  tok = Tokenizer.from_file(folder / "tokenizer.json") if Tokenizer and (folder / "tokenizer.json").exists() else None
+  tok = Tokenizer.from_file(folder / "tokenizer.json") if (folder / "tokenizer.json").exists() else None
   return model, tok
 
 
