@@ -286,19 +286,22 @@ class Olmoe:
     self.norm = Tensor.ones(cfg.hidden_size)                                       # (D,)
     self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else Tensor.normal(cfg.vocab_size, cfg.hidden_size, std=0.02)
     self.expert_mask: Tensor | None = None          # (E,) bool: experts allowed to take a slot (None = all)
-    self._decoders: dict = {}                       # TinyJit'd decode steps, one per batch size
+    self._decoders: dict = {}                       # TinyJit'd decode steps, one per (batch size, masked?)
+    self._caches: dict[int, list[Tensor]] = {}      # KV caches, one set per batch size
 
   @property
   def dtype(self) -> DType: return self.embed_tokens.dtype
 
   def forward(self, ids: Tensor, positions: Tensor, mask: Tensor, start_pos: int | UOp = 0,
-              last_only: bool = False) -> tuple[Tensor, Routing]:
-    """ids (B, T) int, positions (B, T) int, mask (B, T, S) bool (True = query may attend to key)."""
+              last_only: bool = False, expert_mask: Tensor | None = None) -> tuple[Tensor, Routing]:
+    """ids (B, T) int, positions (B, T) int, mask (B, T, S) bool (True = query may attend to key); expert_mask
+    defaults to the model's."""
+    if expert_mask is None: expert_mask = self.expert_mask
     h = take(self.embed_tokens, ids)                                               # (B, T, D)
     cos, sin = rope_tables(positions, rope_inv_freq(self.cfg, start_pos + ids.shape[1]))   # (B, 1, T, hd) each
     routing = Routing([], [], [])
     for layer in self.layers:
-      h, (z, g, i) = layer(h, cos, sin, mask, start_pos, self.expert_mask)         # (B, T, D)
+      h, (z, g, i) = layer(h, cos, sin, mask, start_pos, expert_mask)              # (B, T, D)
       routing.logits.append(z); routing.weights.append(g); routing.experts.append(i)
     if last_only: h = h[:, -1:]                                                    # (B, 1, D) generation needs one row
     return linear(self.norm_fn(h, self.norm, self.cfg.rms_norm_eps), self.lm_head), routing   # (B, T, V)
@@ -415,30 +418,36 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
   ids = Tensor([[pad] * n + p for n, p in zip(npad, prompts)], dtype=dtypes.int32)          # (B, P)
   key_ok = Tensor([[0] * n + [1] * (S_max - n) for n in npad], dtype=dtypes.bool)           # (B, S_max)
   offset = Tensor(npad, dtype=dtypes.int32).reshape(B, 1)                                   # (B, 1) position shift
-  for layer in model.layers:                                                                # fresh KV cache
-    layer.self_attn.cache_kv = Tensor.zeros(2, B, cfg.n_kv_heads, S_max, cfg.head_dim, dtype=model.dtype).contiguous().realize()
-  # prefill: all P prompt positions in one call
-  positions = Tensor.arange(P).reshape(1, P) - offset                                       # (B, P)
-  mask = attention_mask_3d(P, P, 0, key_ok[:, :P])                                          # (B, P, P)
-  logits, routing = model.forward(ids, positions, mask, 0, last_only=True)
-  decode = model._decoders.setdefault(B, TinyJit(_decode_step))
-  v_pos = UOp.variable("start_pos", 1, S_max - 1)
-  done = [False] * B
-  for n in range(min(max_new_tokens, S_max - P)):
-    out = _last(logits, routing, with_routing)
-    nxt = sample(out[0], rng, temperature, top_k, top_p)
-    toks = [pad if d else int(t) for d, t in zip(done, nxt)]
-    yield Step(toks, *out[1:])
-    done = [d or t in stop for d, t in zip(done, toks)]
-    if all(done) or n + 1 == max_new_tokens: break
-    logits, routing = decode(model, Tensor(toks, dtype=dtypes.int32).reshape(B, 1), v_pos.bind(P + n), key_ok, offset)
-  for layer in model.layers: layer.self_attn.cache_kv = None
+  # one KV cache per batch size, kept for the model's life: the compiled decode step replays into these buffers
+  caches = model._caches.setdefault(B, [Tensor.zeros(2, B, cfg.n_kv_heads, S_max, cfg.head_dim, dtype=model.dtype)
+                                        .contiguous().realize() for _ in model.layers])   # L x (2, B, nkv, S_max, hd)
+  for layer, cache in zip(model.layers, caches): layer.self_attn.cache_kv = cache
+  try:
+    # prefill: all P prompt positions in one call (stale cache entries past them are never attended to)
+    positions = Tensor.arange(P).reshape(1, P) - offset                                     # (B, P)
+    mask = attention_mask_3d(P, P, 0, key_ok[:, :P])                                        # (B, P, P)
+    logits, routing = model.forward(ids, positions, mask, 0, last_only=True)
+    decode = model._decoders.setdefault((B, model.expert_mask is None), TinyJit(_decode_step))
+    v_pos = UOp.variable("start_pos", 1, S_max - 1)
+    done = [False] * B
+    for n in range(min(max_new_tokens, S_max - P)):
+      out = _last(logits, routing, with_routing)
+      nxt = sample(out[0], rng, temperature, top_k, top_p)
+      toks = [pad if d else int(t) for d, t in zip(done, nxt)]
+      yield Step(toks, *out[1:])
+      done = [d or t in stop for d, t in zip(done, toks)]
+      if all(done) or n + 1 == max_new_tokens: break
+      tok = Tensor(toks, dtype=dtypes.int32).reshape(B, 1)                                  # (B, 1)
+      logits, routing = decode(model, tok, v_pos.bind(P + n), key_ok, offset, model.expert_mask)
+  finally:
+    for layer in model.layers: layer.self_attn.cache_kv = None
 
-def _decode_step(model: Olmoe, tok: Tensor, start_pos: UOp, key_ok: Tensor, offset: Tensor):
-  """One new token per row at position start_pos (symbolic, so one compiled graph serves every position)."""
+def _decode_step(model: Olmoe, tok: Tensor, start_pos: UOp, key_ok: Tensor, offset: Tensor, expert_mask: Tensor | None):
+  """One new token per row at position start_pos (symbolic, so one compiled graph serves every position). Tensors
+  that change between calls (the expert mask too) are arguments, so the compiled graph reads their new values."""
   positions = (Tensor.arange(1) + start_pos).reshape(1, 1) - offset                        # (B, 1)
   mask = attention_mask_3d(1, start_pos + 1, start_pos, key_ok[:, :start_pos + 1])          # (B, 1, S)
-  logits, r = model.forward(tok, positions, mask, start_pos, last_only=True)
+  logits, r = model.forward(tok, positions, mask, start_pos, last_only=True, expert_mask=expert_mask)
   return logits.realize(), Routing([], [w.realize() for w in r.weights], [i.realize() for i in r.experts])
 
 def _last(logits: Tensor, routing: Routing, with_routing: bool):

@@ -4,7 +4,7 @@ import json, math, os, subprocess, sys
 import numpy as np
 import pytest
 import torch
-from tinygrad import Tensor, dtypes
+from tinygrad import Tensor, TinyJit, dtypes
 from conftest import ROOT, save_hf_olmoe, hf_reference
 import olmoe
 
@@ -70,6 +70,9 @@ def test_greedy_generation_matches_transformers_generate(tmp_path):
   # a single prompt alone gives the same tokens as in the batch
   alone = [s.tokens[0] for s in olmoe.generate(model, prompts[1:], max_new_tokens=24, stop_ids=())]
   assert alone == theirs[1]
+  # the compiled decode step and its KV cache are reused by later calls: a second call gives the same tokens
+  again = [s.tokens for s in olmoe.generate(model, prompts, max_new_tokens=24, stop_ids=())]
+  assert again == ours
 
 
 def test_dynamic_rope_generates_past_the_trained_length_like_transformers(tmp_path):
@@ -230,13 +233,15 @@ def test_a_training_step_lowers_the_loss():
   opt = AdamW(params, lr=3e-3)
   ids = Tensor(np.random.default_rng(0).integers(0, 64, (4, 16)))
   losses = []
+  @TinyJit
+  def step(ids):
+    opt.zero_grad()
+    loss, parts = olmoe.lm_loss(model, ids)
+    loss.backward()
+    opt.step()
+    return loss.realize()
   with Context(TRAINING=1):
-    for _ in range(8):
-      opt.zero_grad()
-      loss, parts = olmoe.lm_loss(model, ids)
-      loss.backward()
-      opt.step()
-      losses.append(loss.item())
+    for _ in range(8): losses.append(step(ids).item())
   assert losses[-1] < losses[0] - 0.1
   assert all(math.isfinite(v) for v in losses)
   assert model.layers[0].mlp.gate.grad is not None                 # the router is trained through its weights
