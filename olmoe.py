@@ -231,9 +231,9 @@ class SparseMoeBlock:
     self.experts_gate_up_proj = Tensor.normal(E, 2 * I, D, std=0.02)         # (E, 2I, D)
     self.experts_down_proj = Tensor.normal(E, D, I, std=0.02)                # (E, D, I)
 
-  def __call__(self, x: Tensor, expert_mask: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+  def __call__(self, x: Tensor, expert_mask: Tensor | None = None, k: int | None = None) -> tuple[Tensor, tuple]:
     B, T, D = x.shape
-    k, I = self.cfg.num_experts_per_tok, self.cfg.intermediate_size
+    k, I = k or self.cfg.num_experts_per_tok, self.cfg.intermediate_size
     h = x.reshape(B * T, D)                                                  # (N, D)
     z, g, i = route(h, self.gate, k, self.cfg.norm_topk_prob, expert_mask)   # (N, E), (N, k), (N, k)
     y = expert_ffn(h, i, self.experts_gate_up_proj, self.experts_down_proj, I)  # (N, k, D)
@@ -260,10 +260,10 @@ class DecoderLayer:
     self.post_attention_layernorm = Tensor.ones(cfg.hidden_size)             # (D,) the norm *before* the MoE
     self.mlp = SparseMoeBlock(cfg)
 
-  def __call__(self, h, cos, sin, mask, start_pos=0, expert_mask=None):
+  def __call__(self, h, cos, sin, mask, start_pos=0, expert_mask=None, k=None):
     eps = self.cfg.rms_norm_eps
     h = h + self.self_attn(rms_norm(h, self.input_layernorm, eps), cos, sin, mask, start_pos)      # (B, T, D)
-    m, routing = self.mlp(rms_norm(h, self.post_attention_layernorm, eps), expert_mask)
+    m, routing = self.mlp(rms_norm(h, self.post_attention_layernorm, eps), expert_mask, k)
     return h + m, routing                                                                          # (B, T, D)
 
 
@@ -286,25 +286,27 @@ class Olmoe:
     self.norm = Tensor.ones(cfg.hidden_size)                                       # (D,)
     self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else Tensor.normal(cfg.vocab_size, cfg.hidden_size, std=0.02)
     self.expert_mask: Tensor | None = None          # (E,) bool: experts allowed to take a slot (None = all)
-    self._decoders: dict = {}                       # TinyJit'd decode steps, one per (batch size, masked?)
+    self.top_k = cfg.num_experts_per_tok            # k used by the router (FlexOlmo caps it at the enabled experts)
+    self._decoders: dict = {}                       # TinyJit'd decode steps, one per (batch size, masked?, k)
     self._caches: dict[int, list[Tensor]] = {}      # KV caches, one set per batch size
 
   @property
   def dtype(self) -> DType: return self.embed_tokens.dtype
 
-  def forward(self, ids: Tensor, positions: Tensor, mask: Tensor, start_pos: int | UOp = 0,
-              last_only: bool = False, expert_mask: Tensor | None = None) -> tuple[Tensor, Routing]:
+  def forward(self, ids: Tensor, positions: Tensor, mask: Tensor, start_pos: int | UOp = 0, last_only: bool = False,
+              expert_mask: Tensor | None = None, hidden: bool = False) -> tuple[Tensor, Routing]:
     """ids (B, T) int, positions (B, T) int, mask (B, T, S) bool (True = query may attend to key); expert_mask
-    defaults to the model's."""
+    defaults to the model's. Returns logits (B, T, V), or with hidden=True the final normed states (B, T, D)."""
     if expert_mask is None: expert_mask = self.expert_mask
     h = take(self.embed_tokens, ids)                                               # (B, T, D)
     cos, sin = rope_tables(positions, rope_inv_freq(self.cfg, start_pos + ids.shape[1]))   # (B, 1, T, hd) each
     routing = Routing([], [], [])
     for layer in self.layers:
-      h, (z, g, i) = layer(h, cos, sin, mask, start_pos, expert_mask)              # (B, T, D)
+      h, (z, g, i) = layer(h, cos, sin, mask, start_pos, expert_mask, self.top_k)  # (B, T, D)
       routing.logits.append(z); routing.weights.append(g); routing.experts.append(i)
     if last_only: h = h[:, -1:]                                                    # (B, 1, D) generation needs one row
-    return linear(self.norm_fn(h, self.norm, self.cfg.rms_norm_eps), self.lm_head), routing   # (B, T, V)
+    h = self.norm_fn(h, self.norm, self.cfg.rms_norm_eps)                          # (B, T, D)
+    return (h if hidden else linear(h, self.lm_head)), routing                     # (B, T, V)
 
   def __call__(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                return_routing: bool = False):
@@ -427,7 +429,7 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
     positions = Tensor.arange(P).reshape(1, P) - offset                                     # (B, P)
     mask = attention_mask_3d(P, P, 0, key_ok[:, :P])                                        # (B, P, P)
     logits, routing = model.forward(ids, positions, mask, 0, last_only=True)
-    decode = model._decoders.setdefault((B, model.expert_mask is None), TinyJit(_decode_step))
+    decode = model._decoders.setdefault((B, model.expert_mask is None, model.top_k), TinyJit(_decode_step))
     v_pos = UOp.variable("start_pos", 1, S_max - 1)
     done = [False] * B
     for n in range(min(max_new_tokens, S_max - P)):

@@ -26,20 +26,24 @@ def make_tokenizer_json(path: Path, vocab_size: int = 300) -> Path:
   return path / "tokenizer.json"
 
 
-def save_hf_olmoe(path: Path, seed: int = 0, dtype=None, max_shard_size=None, with_tokenizer: bool = True, **overrides):
-  """A random OlmoeForCausalLM saved by transformers (norm weights perturbed away from 1 so that they matter)."""
+def save_hf_olmoe(path: Path, seed: int = 0, dtype=None, max_shard_size=None, with_tokenizer: bool = True,
+                  model_type: str = "olmoe", **overrides):
+  """A random OlmoeForCausalLM (or FlexOlmoForCausalLM) saved by transformers, with norm weights perturbed away
+  from 1 and weights scaled up from the 0.02 init, so that norms matter and attention and routing are far from
+  uniform."""
   import torch
-  from transformers import OlmoeConfig, OlmoeForCausalLM
+  from transformers import OlmoeConfig, OlmoeForCausalLM, FlexOlmoConfig, FlexOlmoForCausalLM
+  config_cls, model_cls = (OlmoeConfig, OlmoeForCausalLM) if model_type == "olmoe" else (FlexOlmoConfig, FlexOlmoForCausalLM)
   kw = dict(vocab_size=320, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=4, num_experts=8, num_experts_per_tok=2, max_position_embeddings=128,
             eos_token_id=0, pad_token_id=1)
   kw.update(overrides)
   torch.manual_seed(seed)
-  model = OlmoeForCausalLM(OlmoeConfig(**kw)).eval()
+  model = model_cls(config_cls(**kw)).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
       if "norm" in name: p.add_(torch.randn_like(p) * 0.2)
-      else: p.mul_(3.0)        # larger than the 0.02 init, so attention and routing are far from uniform
+      else: p.mul_(3.0)
   if dtype is not None: model = model.to(dtype)
   path.mkdir(parents=True, exist_ok=True)
   model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))

@@ -1,0 +1,399 @@
+#!/usr/bin/env python3
+"""FlexOlmo (allenai/FlexOlmo-7x7B-1T) in tinygrad: only what differs from OLMoE; the rest comes from olmoe.py.
+
+FlexOlmo is a mixture of experts built by data owners who never share data: each owner trains one expert (and its
+router row) against a frozen copy of a public model, and the experts are merged afterwards; any expert can be left
+out at inference. How it differs from olmoe.py:
+  1. Post-norm blocks (OLMo 2): h += N_attn(attn(h)); h += N_ff(moe(h)). There is no input norm; the layer's two
+     norms (`post_attention_layernorm`, `post_feedforward_layernorm`) act on the sublayer *outputs*.
+  2. RMSNorm multiplies by its weight in fp32 and casts last (OLMoE casts, then multiplies).
+  3. RoPE rotates q and k in fp32 and casts back (OLMoE casts cos/sin to the model dtype). No clip_qkv.
+  4. Defaults: rope_theta 500000, rms_norm_eps 1e-6, dolma2 tokenizer ids (eos 100257, pad 100277).
+  5. Experts have names (config `expert_names`); excluding one sets its router logit to -inf before the softmax,
+     which is exactly deleting its router row and its FFN, and k is capped at the number of enabled experts.
+  6. The recipe: `train-expert` (coordinated training of one owner's expert) and `merge` (assemble the owners').
+Same as OLMoE: the router `olmoe.route`, the stacked SwiGLU experts, the final norm, the LM head, losses, KV cache,
+generation, tokenizer and checkpoint loading.
+
+Not handled: the learned negative expert bias of the original training code (the released checkpoints have no place
+for it), router re-training on proxy data ("RT"), and the paper's external embedder for router initialisation (the
+public model's own mean final hidden state stands in for it).
+"""
+from __future__ import annotations
+import argparse, json, os, shutil, struct, sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+import numpy as np
+from tinygrad import Tensor, TinyJit, dtypes
+from tinygrad.helpers import Context, tqdm
+from tinygrad.nn.optim import AdamW
+import olmoe
+from olmoe import OlmoeError, Attention, SparseMoeBlock, Olmoe, OlmoeConfig
+
+RELEASED_NAMES = ["public", "math", "news", "academic", "code", "creative", "reddit"]   # FlexOlmo-7x7B-1T's order
+
+
+@dataclass(frozen=True)
+class FlexOlmoConfig(OlmoeConfig):
+  vocab_size: int = 100352
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_hidden_layers: int = 32
+  num_attention_heads: int = 32
+  rope_theta: float = 500000.0
+  rms_norm_eps: float = 1e-6
+  num_experts: int = 7
+  num_experts_per_tok: int = 5                # the class default; the released 7x7B uses all 7
+  pad_token_id: int | None = 100277
+  eos_token_id: int | list[int] | None = 100257
+  expert_names: list[str] | None = None       # who owns which expert, in router-row order (optional in config.json)
+  model_type: str = "flex_olmo"
+
+  def names(self) -> list[str]:
+    """Expert names: the config's, else the released order for the released 7x7B shape, else indices."""
+    if self.expert_names: return list(self.expert_names)
+    if (self.num_experts, self.hidden_size, self.num_hidden_layers) == (7, 4096, 32): return list(RELEASED_NAMES)
+    return [str(e) for e in range(self.num_experts)]
+
+
+# ============================================ the FlexOlmo block ============================================
+
+def rms_norm_olmo2(x: Tensor, w: Tensor, eps: float) -> Tensor:
+  """OLMo 2 RMSNorm: normalise and scale in fp32, cast back last."""
+  xf = x.float()
+  return (w.float() * (xf * (xf.square().mean(-1, keepdim=True) + eps).rsqrt())).cast(x.dtype)
+
+
+class FlexAttention(Attention):
+  """OLMoE's attention with OLMo 2's q/k norm and fp32 rotation."""
+  rope_in_fp32 = True
+  def norm(self, x: Tensor, w: Tensor) -> Tensor: return rms_norm_olmo2(x, w, self.cfg.rms_norm_eps)
+
+
+class FlexDecoderLayer:
+  """Post-norm block: the norms act on what attention and the MoE add to the residual stream."""
+  def __init__(self, cfg: FlexOlmoConfig):
+    self.cfg = cfg
+    self.self_attn = FlexAttention(cfg)
+    self.post_attention_layernorm = Tensor.ones(cfg.hidden_size)             # (D,) norm of the attention output
+    self.mlp = SparseMoeBlock(cfg)
+    self.post_feedforward_layernorm = Tensor.ones(cfg.hidden_size)           # (D,) norm of the MoE output
+
+  def __call__(self, h, cos, sin, mask, start_pos=0, expert_mask=None, k=None):
+    eps = self.cfg.rms_norm_eps
+    h = h + rms_norm_olmo2(self.self_attn(h, cos, sin, mask, start_pos), self.post_attention_layernorm, eps)  # (B, T, D)
+    m, routing = self.mlp(h, expert_mask, k)                                                               # (B, T, D)
+    return h + rms_norm_olmo2(m, self.post_feedforward_layernorm, eps), routing
+
+
+class FlexOlmo(Olmoe):
+  Layer = FlexDecoderLayer
+  norm_fn = staticmethod(rms_norm_olmo2)
+
+  def select_experts(self, experts: list[str] | None = None, opt_out: list[str] | None = None) -> list[str]:
+    """Enable only `experts` (names or indices), or all but `opt_out`; returns the enabled names.
+
+    An excluded expert's router logit is -inf before the softmax: it can take no slot, and the softmax
+    renormalises over the others, exactly as if its router row and FFN were deleted. k is capped accordingly."""
+    names = self.cfg.names()
+    def index(n: str) -> int:
+      if n in names: return names.index(n)
+      if n.isdigit() and int(n) < len(names): return int(n)
+      raise OlmoeError(f"unknown expert {n!r} (this model has: {', '.join(names)})")
+    on = set(range(len(names))) if experts is None else {index(n) for n in experts}
+    on -= {index(n) for n in opt_out or []}
+    if not on: raise OlmoeError("every expert is excluded: keep at least one")
+    self.expert_mask = None if len(on) == len(names) else Tensor([e in on for e in range(len(names))])
+    self.top_k = min(self.cfg.num_experts_per_tok, len(on))
+    return [names[e] for e in sorted(on)]
+
+
+def load(name: str, experts: list[str] | None = None, opt_out: list[str] | None = None, dtype=None,
+         progress: bool = True) -> tuple[FlexOlmo, "olmoe.Tokenizer | None"]:
+  """(model, tokenizer) from a FlexOlmo checkpoint folder (or hub repo id), with only the chosen experts enabled."""
+  model, tok = olmoe.load(name, dtype, progress, config_cls=FlexOlmoConfig, model_cls=FlexOlmo)
+  model.select_experts(experts, opt_out)
+  return model, tok
+
+
+# ======================================= checkpoints as raw tensors =======================================
+# train-expert and merge move tensors they do not change as raw bytes, so frozen and shared weights stay bit-identical.
+
+Raw = tuple[str, list[int], bytes]            # (safetensors dtype, shape, data)
+NP = {"F32": np.float32, "F16": np.float16}
+
+def read_raw(folder: Path) -> dict[str, Raw]:
+  out: dict[str, Raw] = {}
+  for path in olmoe.checkpoint_files(folder):
+    header = olmoe.read_safetensors_header(path)
+    data = path.read_bytes()[8 + struct.unpack("<Q", path.read_bytes()[:8])[0]:]
+    for k, v in header.items():
+      if k != "__metadata__": out[k] = (v["dtype"], v["shape"], data[v["data_offsets"][0]:v["data_offsets"][1]])
+  return out
+
+def raw_to_numpy(t: Raw) -> np.ndarray:
+  dt, shape, data = t
+  if dt == "BF16": return (np.frombuffer(data, np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+  if dt not in NP: raise OlmoeError(f"unsupported tensor dtype {dt}")
+  return np.frombuffer(data, NP[dt]).astype(np.float32).reshape(shape)
+
+def numpy_to_raw(a: np.ndarray, dt: str) -> Raw:
+  a = np.ascontiguousarray(a, np.float32)
+  if dt == "BF16":   # round to nearest even, as torch does
+    u = a.view(np.uint32).astype(np.uint64)
+    data = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).tobytes()
+  else: data = a.astype(NP[dt]).tobytes()
+  return dt, list(a.shape), data
+
+def write_checkpoint(out: Path, config: dict, tensors: dict[str, Raw], tokenizer: Path | None,
+                     inputs: list[Path]) -> None:
+  """Write config.json + model.safetensors (+ tokenizer.json) into a temporary folder, then rename it to `out`."""
+  out = out.resolve()
+  if out.exists(): raise OlmoeError(f"{out} exists: choose a new --out folder (inputs are never overwritten)")
+  if any(out == p.resolve() for p in inputs): raise OlmoeError(f"--out {out} is one of the inputs")
+  tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+  tmp.mkdir(parents=True)
+  try:
+    header, offset = {}, 0
+    for k, (dt, shape, data) in tensors.items():
+      header[k] = {"dtype": dt, "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
+      offset += len(data)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(tmp / "model.safetensors", "wb") as f:
+      f.write(struct.pack("<Q", len(head)) + head)
+      for _, _, data in tensors.values(): f.write(data)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer is not None and tokenizer.exists(): shutil.copy(tokenizer, tmp / "tokenizer.json")
+    os.rename(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+def expert_key(l: int, e: int, part: str) -> str: return f"model.layers.{l}.mlp.experts.{e}.{part}.weight"
+def gate_key(l: int) -> str: return f"model.layers.{l}.mlp.gate.weight"
+PARTS = ("gate_proj", "up_proj", "down_proj")
+
+def public_expert(raw: dict[str, Raw], config: dict, l: int, part: str) -> Raw:
+  """The public FFN of layer l: a dense OLMo 2 model's MLP, or expert 0 of a FlexOlmo checkpoint."""
+  if config["model_type"] == "olmo2": return raw[f"model.layers.{l}.mlp.{part}.weight"]
+  return raw[expert_key(l, 0, part)]
+
+def read_public(folder: Path) -> tuple[dict, dict[str, Raw]]:
+  config = olmoe.read_config(folder)
+  if config.get("model_type") not in ("olmo2", "flex_olmo"):
+    raise OlmoeError(f"{folder}: the public model must be olmo2 (dense) or flex_olmo, not {config.get('model_type')!r}")
+  return config, read_raw(folder)
+
+
+# ========================================= coordinated expert training =========================================
+
+def read_windows(files: list[Path], tok, seq_len: int) -> np.ndarray:
+  """Tokenise the text files (documents separated by EOS) and cut them into (n, seq_len + 1) windows."""
+  ids: list[int] = []
+  for f in files:
+    try: text = Path(f).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e: raise OlmoeError(f"{f}: unreadable text file ({e.__class__.__name__})") from None
+    ids += tok.encode(text) + [tok.token_to_id("<|endoftext|>") or 0]
+  n = len(ids) // (seq_len + 1)
+  if n == 0: raise OlmoeError(f"need at least {seq_len + 1} tokens of data, got {len(ids)}")
+  return np.array(ids[: n * (seq_len + 1)], dtype=np.int32).reshape(n, seq_len + 1)
+
+def mean_hidden(model: FlexOlmo, windows: np.ndarray, n: int = 16) -> np.ndarray:
+  """A domain's router embedding: the mean final hidden state of the public model over a sample of its text."""
+  x = Tensor(windows[:n, :-1])
+  B, T = x.shape
+  h, _ = model.forward(x, Tensor.arange(T).reshape(1, T).expand(B, T), olmoe.attention_mask_3d(T, T, 0, None), hidden=True)
+  return h.float().mean((0, 1)).numpy()
+
+def two_expert_model(config: dict, raw: dict[str, Raw]) -> tuple[FlexOlmoConfig, FlexOlmo]:
+  """The public model as a 2-expert FlexOlmo (fp32): both expert slots hold the public FFN, router rows zero."""
+  base = {k: v for k, v in config.items() if k != "model_type"}
+  cfg = FlexOlmoConfig.from_dict({**base, "model_type": "flex_olmo", "num_experts": 2, "num_experts_per_tok": 2,
+                                  "expert_names": None})
+  L, D = cfg.num_hidden_layers, cfg.hidden_size
+  state = {k: Tensor(raw_to_numpy(v)) for k, v in raw.items() if ".mlp." not in k}
+  for l in range(L):
+    for part in PARTS:
+      w = Tensor(raw_to_numpy(public_expert(raw, config, l, part)))
+      state[expert_key(l, 0, part)], state[expert_key(l, 1, part)] = w, w
+    state[gate_key(l)] = Tensor.zeros(2, D)
+  model = FlexOlmo(cfg)
+  olmoe.load_weights(model, state, dtypes.float32, progress=False)
+  return cfg, model
+
+def train_expert(public: Path, data: list[Path], out: Path, name: str, steps: int = 100, lr: float = 1e-3,
+                 seq_len: int = 64, batch: int = 8, seed: int = 0, public_data: list[Path] | None = None,
+                 z_loss: float = 0.001, progress: bool = True) -> list[float]:
+  """Train one data owner's expert against the frozen public model; write a 2-expert FlexOlmo checkpoint.
+
+  Expert 0 and router row 0 are the public model's and never change; so do the embeddings, attention, norms and LM
+  head. Only expert 1 (initialised as a copy of the public FFN) and router row 1 (initialised as the mean hidden
+  state of the owner's data) are trained, on CE + z-loss. Returns the training losses."""
+  config, raw = read_public(public)
+  tok = olmoe.Tokenizer.from_file(public / "tokenizer.json") if (public / "tokenizer.json").exists() else None
+  if tok is None: raise OlmoeError(f"{public}: no tokenizer.json")
+  windows = read_windows(data, tok, seq_len)
+  cfg, model = two_expert_model(config, raw)
+  L, D = cfg.num_hidden_layers, cfg.hidden_size
+  # router rows: the public row as published (FlexOlmo) or from public text (dense), the owner's from its data
+  if config["model_type"] == "flex_olmo": r_pub = [raw_to_numpy(raw[gate_key(l)])[0] for l in range(L)]
+  else: r_pub = [mean_hidden(model, read_windows(public_data, tok, seq_len)) if public_data else np.zeros(D, np.float32)] * L
+  r_dom = mean_hidden(model, windows)
+  # the trainable tensors: per layer expert 1 (gate_up, down) and router row 1; everything else is a constant
+  frozen = [(layer.mlp.experts_gate_up_proj[0].contiguous().realize(), layer.mlp.experts_down_proj[0].contiguous().realize(),
+             Tensor(r_pub[l]).reshape(1, D).realize()) for l, layer in enumerate(model.layers)]
+  train = [(gu.clone().realize(), dn.clone().realize(), Tensor(r_dom).reshape(1, D).contiguous().realize()) for gu, dn, _ in frozen]
+  for p in model.parameters().values(): p.requires_grad = False
+  params = [t for group in train for t in group]
+  for p in params: p.requires_grad = True
+  def assemble():   # the layer tensors as [public; owner] along the expert axis
+    for layer, (gu0, dn0, r0), (gu1, dn1, r1) in zip(model.layers, frozen, train):
+      layer.mlp.experts_gate_up_proj = gu0.unsqueeze(0).cat(gu1.unsqueeze(0))        # (2, 2I, D)
+      layer.mlp.experts_down_proj = dn0.unsqueeze(0).cat(dn1.unsqueeze(0))           # (2, D, I)
+      layer.mlp.gate = r0.cat(r1)                                                     # (2, D)
+  opt = AdamW(params, lr=lr, b1=0.9, b2=0.95, weight_decay=0.0)
+  @TinyJit
+  def step(x: Tensor) -> Tensor:
+    assemble()
+    logits, routing = model(x[:, :-1], return_routing=True)                           # (B, T, V)
+    loss = logits.float().sparse_categorical_crossentropy(x[:, 1:]) + z_loss * olmoe.router_z_loss(routing.logits)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.realize()
+  rng, losses = np.random.default_rng(seed), []
+  with Context(TRAINING=1):
+    for _ in (bar := tqdm(range(steps), desc=f"train {name}", disable=not progress)):
+      losses.append(step(Tensor(windows[rng.integers(0, len(windows), batch)])).item())
+      bar.set_description(f"train {name} loss {losses[-1]:.3f}")
+  # write: frozen tensors as the input's bytes; expert 1 and the router in the public model's dtype
+  dt = next(iter(raw.values()))[0]
+  I = cfg.intermediate_size
+  tensors = {k: v for k, v in raw.items() if ".mlp." not in k}
+  for l, ((gu1, dn1, r1), (_, _, r0)) in enumerate(zip(train, frozen)):
+    for part in PARTS: tensors[expert_key(l, 0, part)] = public_expert(raw, config, l, part)
+    gu = gu1.numpy()
+    tensors[expert_key(l, 1, "gate_proj")] = numpy_to_raw(gu[:I], dt)
+    tensors[expert_key(l, 1, "up_proj")] = numpy_to_raw(gu[I:], dt)
+    tensors[expert_key(l, 1, "down_proj")] = numpy_to_raw(dn1.numpy(), dt)
+    row0 = raw[gate_key(l)] if config["model_type"] == "flex_olmo" else numpy_to_raw(r0.numpy(), dt)
+    tensors[gate_key(l)] = (dt, [2, D], row0[2][: len(row0[2]) // row0[1][0]] + numpy_to_raw(r1.numpy(), dt)[2])
+  names = (config.get("expert_names") or ["public"])[:1] + [name]
+  new_config = {**config, "model_type": "flex_olmo", "architectures": ["FlexOlmoForCausalLM"], "num_experts": 2,
+                "num_experts_per_tok": 2, "expert_names": names}
+  write_checkpoint(out, new_config, tensors, public / "tokenizer.json", [public])
+  return losses
+
+
+# ================================================= merging =================================================
+
+SAME_CONFIG = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "vocab_size", "rms_norm_eps", "rope_theta", "rope_parameters", "tie_word_embeddings")
+
+def merge(public: Path, owners: list[tuple[str, Path]], out: Path, top_k: int | None = None) -> None:
+  """Assemble independently trained experts into one FlexOlmo: expert 0 and router row 0 from the public model,
+  expert i and row i from owner i. Every shared tensor must be bit-identical across the inputs."""
+  if not owners: raise OlmoeError("merge needs at least one --expert NAME=DIR")
+  names = [n for n, _ in owners]
+  if len(set(names)) != len(names): raise OlmoeError(f"expert names must be distinct: {names}")
+  pub_config, pub = read_public(public)
+  inputs = [(olmoe.read_config(d), read_raw(d), n, d) for n, d in owners]
+  for config, raw, n, d in inputs:
+    if config.get("model_type") != "flex_olmo" or config.get("num_experts") != 2:
+      raise OlmoeError(f"{d}: expert {n!r} must be a 2-expert flex_olmo checkpoint (from train-expert)")
+    for field in SAME_CONFIG:
+      if config.get(field) != pub_config.get(field):
+        raise OlmoeError(f"{d}: config {field} is {config.get(field)!r}, the public model has {pub_config.get(field)!r}")
+  L = pub_config["num_hidden_layers"]
+  shared = sorted(k for k in pub if ".mlp." not in k)
+  for config, raw, n, d in inputs:
+    if set(k for k in raw if ".mlp." not in k) != set(shared):
+      raise OlmoeError(f"{d}: its shared tensors are not the public model's ({n!r})")
+    checks = [(k, raw[k], pub[k]) for k in shared]
+    checks += [(expert_key(l, 0, p), raw[expert_key(l, 0, p)], public_expert(pub, pub_config, l, p)) for l in range(L) for p in PARTS]
+    if pub_config["model_type"] == "flex_olmo":
+      checks += [(f"{gate_key(l)}[0]", row(raw[gate_key(l)], 0), row(pub[gate_key(l)], 0)) for l in range(L)]
+    else:    # a dense public model has no router: the owners' public rows must agree with each other
+      first = inputs[0][1]
+      checks += [(f"{gate_key(l)}[0]", row(raw[gate_key(l)], 0), row(first[gate_key(l)], 0)) for l in range(L)]
+    for key, a, b in checks:
+      if a != b: raise OlmoeError(f"{d}: tensor {key} differs from the public model's (expert {n!r}); "
+                                  f"experts must be trained against the same frozen public model")
+  E = 1 + len(owners)
+  tensors = {k: pub[k] for k in shared}
+  for l in range(L):
+    for p in PARTS:
+      tensors[expert_key(l, 0, p)] = public_expert(pub, pub_config, l, p)
+      for e, (_, raw, _, _) in enumerate(inputs, start=1): tensors[expert_key(l, e, p)] = raw[expert_key(l, 1, p)]
+    rows = [row(inputs[0][1][gate_key(l)], 0)] + [row(raw[gate_key(l)], 1) for _, raw, _, _ in inputs]
+    dt, (_, D) = inputs[0][1][gate_key(l)][0], inputs[0][1][gate_key(l)][1]
+    tensors[gate_key(l)] = (dt, [E, D], b"".join(r[2] for r in rows))
+  k = top_k or E
+  if not 0 < k <= E: raise OlmoeError(f"--top-k must be in 1..{E}")
+  public_name = (pub_config.get("expert_names") or ["public"])[0]
+  config = {**inputs[0][0], "num_experts": E, "num_experts_per_tok": k, "expert_names": [public_name] + names}
+  write_checkpoint(out, config, tensors, public / "tokenizer.json", [public] + [d for _, d in owners])
+
+def row(t: Raw, i: int) -> Raw:
+  """Row i of a 2-D raw tensor."""
+  dt, shape, data = t
+  n = len(data) // shape[0]
+  return dt, shape[1:], data[i * n:(i + 1) * n]
+
+
+# ============================================== command line ==============================================
+
+DEMO_MODEL = Path(__file__).resolve().parent / "models" / "flexolmo-demo"
+REAL_MODEL = "allenai/FlexOlmo-7x7B-1T"
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    if argv[:1] == ["train-expert"]:
+      ap = argparse.ArgumentParser(prog="flexolmo.py train-expert", description=train_expert.__doc__.split("\n")[0])
+      ap.add_argument("--public", required=True, type=Path, help="the public model folder (olmo2 or flex_olmo)")
+      ap.add_argument("--data", required=True, nargs="+", type=Path, help="the owner's text files")
+      ap.add_argument("--out", required=True, type=Path)
+      ap.add_argument("--name", default=None, help="the expert's name (default: the --out folder's name)")
+      ap.add_argument("--public-data", nargs="*", type=Path, help="public text for the public router row (dense public model)")
+      ap.add_argument("--steps", type=int, default=100); ap.add_argument("--lr", type=float, default=1e-3)
+      ap.add_argument("--seq-len", type=int, default=64); ap.add_argument("--batch", type=int, default=8)
+      ap.add_argument("--seed", type=int, default=0)
+      a = ap.parse_args(argv[1:])
+      if a.steps <= 0: raise OlmoeError("--steps must be positive")
+      losses = train_expert(a.public, a.data, a.out, a.name or a.out.name, a.steps, a.lr, a.seq_len, a.batch, a.seed,
+                            a.public_data, progress=sys.stderr.isatty())
+      print(f"trained {a.name or a.out.name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}; wrote {a.out}")
+    elif argv[:1] == ["merge"]:
+      ap = argparse.ArgumentParser(prog="flexolmo.py merge", description=merge.__doc__.split("\n")[0])
+      ap.add_argument("--public", required=True, type=Path)
+      ap.add_argument("--expert", required=True, action="append", help="NAME=DIR of a train-expert output")
+      ap.add_argument("--out", required=True, type=Path)
+      ap.add_argument("--top-k", type=int, default=None, help="experts per token (default: all)")
+      a = ap.parse_args(argv[1:])
+      owners = []
+      for spec in a.expert:
+        if "=" not in spec: raise OlmoeError(f"--expert {spec!r}: expected NAME=DIR")
+        n, d = spec.split("=", 1)
+        owners.append((n, Path(d)))
+      merge(a.public, owners, a.out, a.top_k)
+      print(f"merged {len(owners) + 1} experts into {a.out}")
+    else:
+      ap = olmoe.build_parser("flexolmo.py", None)
+      group = ap.add_mutually_exclusive_group()
+      group.add_argument("--experts", help="comma-separated experts to enable (names or indices); default: all")
+      group.add_argument("--opt-out", help="comma-separated experts to exclude")
+      a = ap.parse_args(argv)
+      if a.model is None: a.model = olmoe.default_model(DEMO_MODEL, REAL_MODEL)
+      olmoe.check_request(a)
+      split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None
+      model, tok = load(a.model, split(a.experts), split(a.opt_out), progress=sys.stderr.isatty())
+      olmoe.run_cli(a, model, tok, model.cfg.names())
+  except OlmoeError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+if __name__ == "__main__":
+  sys.exit(main())
