@@ -1,0 +1,233 @@
+"""MkDocs hooks (mkdocs.yml `hooks:`) that keep the site tied to the code it explains.
+
+1. Source pages: olmoe.py and flexolmo.py are published as `source/olmoe.md` / `source/flexolmo.md`, one code block
+   whose line numbers are anchors (`#L120`; `#L120-L135` highlights a range, see assets/source-lines.js).
+2. Code links: in a page, `[route()](olmoe.py#route)` becomes a link to the lines of `route` in the source page,
+   found with `ast` when the site is built, so links follow the code when it moves. A dotted name reaches methods and
+   class fields (`olmoe.py#SparseMoeBlock.__call__`, `olmoe.py#OlmoeConfig.norm_topk_prob`); a banner section name
+   reaches a whole section (`olmoe.py#losses`). A name that does not exist fails the build.
+3. Snippet output: a line `{{ output: snippets/x.py }}` runs docs/snippets/x.py (from the repository root, as the
+   tests do) and shows what it printed; `{{ markdown: snippets/x.py }}` inserts the printed text as Markdown (tables).
+   Outputs are cached by the content of the snippet, the model files, demo/ and models/.
+4. Demo material: `{{ include: demo/RESULTS.md }}` inserts that file when it exists; `{{ figure: NAME.png | caption }}`
+   shows a figure that demo/figures.py draws into the site at build time. Where they do not exist yet the page
+   says which script produces them.
+"""
+from __future__ import annotations
+import ast, contextlib, hashlib, io, logging, os, re, runpy, shutil, subprocess, sys, tempfile
+from functools import lru_cache
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+SOURCES = ("olmoe.py", "flexolmo.py")                 # published as source/<stem>.md
+CACHE = Path(tempfile.gettempdir()) / "olmoe-tinygrad-docs"
+log = logging.getLogger("mkdocs.hooks.olmoe_docs")
+
+
+# ============================================ code links ============================================
+
+def _named_nodes(body) -> dict[str, ast.AST]:
+  """Definitions in a module or class body by name: functions, classes, assignments, annotated fields."""
+  out: dict[str, ast.AST] = {}
+  for node in body:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)): out[node.name] = node
+    elif isinstance(node, ast.Assign):
+      for t in node.targets:
+        if isinstance(t, ast.Name): out[t.id] = node
+    elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name): out[node.target.id] = node
+  return out
+
+def _sections(lines: list[str]) -> dict[str, tuple[int, int]]:
+  """Banner sections such as `# ====== losses ======` -> {"losses": (first line, last line)} (1-based)."""
+  starts = [(i + 1, m[1].strip()) for i, l in enumerate(lines) if (m := re.fullmatch(r"#\s*=+\s*([^=]+?)\s*=+\s*", l))]
+  out = {}
+  for n, (start, name) in enumerate(starts):
+    end = starts[n + 1][0] - 1 if n + 1 < len(starts) else len(lines)
+    while end > start and not lines[end - 1].strip(): end -= 1
+    out[re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")] = (start, end)
+  return out
+
+@lru_cache(maxsize=None)
+def _parsed(path: Path, mtime: float) -> tuple[ast.Module, list[str]]:
+  text = path.read_text(encoding="utf-8")
+  return ast.parse(text), text.splitlines()
+
+def symbol_lines(filename: str, symbol: str) -> tuple[int, int]:
+  """(first, last) line, 1-based, of `symbol` in the repository file `filename` (decorators included).
+
+  `symbol` is a name, a dotted path into classes (`SparseMoeBlock.__call__`), or a banner section (`losses`).
+  Raises KeyError when there is no such symbol."""
+  path = ROOT / filename
+  tree, lines = _parsed(path, path.stat().st_mtime)
+  node, scope = None, tree.body
+  for part in symbol.split("."):
+    node = _named_nodes(scope).get(part)
+    if node is None: break
+    scope = getattr(node, "body", [])
+  if node is not None:
+    first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+    return first, node.end_lineno
+  sections = _sections(lines)
+  if symbol in sections: return sections[symbol]
+  raise KeyError(f"{filename} has no symbol or section {symbol!r}")
+
+LINK = re.compile(r"\]\((?P<file>" + "|".join(re.escape(s) for s in SOURCES) + r")(?:#(?P<sym>[A-Za-z_][\w.-]*))?\)")
+
+def rewrite_code_links(markdown: str, src_uri: str) -> str:
+  """Turn `](olmoe.py#sym)` into `](<relative>/source/olmoe.md#L<a>-L<b> "olmoe.py, lines a-b")`."""
+  depth = src_uri.count("/")
+  def sub(m: re.Match) -> str:
+    target = "../" * depth + f"source/{Path(m['file']).stem}.md"
+    if m["sym"] is None: return f"]({target})"
+    a, b = symbol_lines(m["file"], m["sym"])
+    return f']({target}#L{a}-L{b} "{m["file"]}, lines {a}–{b}")'
+  return LINK.sub(sub, markdown)
+
+
+# ============================================ source pages ============================================
+
+def source_page(filename: str) -> str:
+  text = (ROOT / filename).read_text(encoding="utf-8")
+  fence = "`" * 4
+  return (f"---\nhide:\n  - navigation\n  - toc\n---\n\n# {filename}\n\n"
+          f"The complete file. The tutorial's links land on the lines they explain (`#L120-L135` picks out a range); "
+          f"click a line number to link to it.\n\n"
+          f"{fence} python linenums=\"1\"\n{text.rstrip()}\n{fence}\n")
+
+
+# ============================================ snippets ============================================
+
+def _digest_inputs() -> str:
+  """A hash of everything a snippet's output can depend on besides the snippet itself."""
+  h = hashlib.sha256()
+  paths = [ROOT / s for s in SOURCES]
+  for folder in ("demo", "models"):
+    if (ROOT / folder).is_dir():
+      paths += sorted(p for p in (ROOT / folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                      and p.suffix not in (".png", ".svg", ".pyc"))
+  for p in paths:
+    if p.exists(): h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes() + b"\0")
+  try:
+    import tinygrad
+    h.update(getattr(tinygrad, "__version__", "").encode())
+  except ImportError: pass
+  return h.hexdigest()
+
+def execute_snippet(path: str | Path) -> tuple[str, dict]:
+  """Run a snippet file as a script from the repository root; return (what it printed, its globals)."""
+  path = Path(path)
+  if not path.is_absolute(): path = DOCS / path
+  buf, cwd = io.StringIO(), os.getcwd()
+  sys.path.insert(0, str(ROOT))
+  os.chdir(ROOT)
+  try:
+    with contextlib.redirect_stdout(buf):
+      env = runpy.run_path(str(path), run_name="__main__")
+  finally:
+    os.chdir(cwd)
+    sys.path.remove(str(ROOT))
+  return buf.getvalue(), env
+
+def cache_file(path: Path, inputs: str) -> Path:
+  key = hashlib.sha256(path.read_bytes() + inputs.encode()).hexdigest()[:24]
+  return CACHE / f"{path.stem}-{key}.txt"
+
+def snippet_output(rel: str, inputs: str) -> str:
+  """What docs/<rel> prints, from the cache when nothing it depends on changed."""
+  path = DOCS / rel
+  if not path.is_file(): raise FileNotFoundError(f"no snippet {rel} (looked for {path})")
+  cached = cache_file(path, inputs)
+  if cached.exists(): return cached.read_text(encoding="utf-8")
+  log.info(f"running {rel}")
+  out, _ = execute_snippet(path)
+  CACHE.mkdir(parents=True, exist_ok=True)
+  cached.write_text(out, encoding="utf-8")
+  return out
+
+def store_output(path: Path, out: str) -> None:
+  """Used by the tests: they run every snippet anyway, so the next site build reuses what they printed."""
+  CACHE.mkdir(parents=True, exist_ok=True)
+  cache_file(path, _digest_inputs()).write_text(out, encoding="utf-8")
+
+
+# ============================================ demo material ============================================
+
+FIGURES_SCRIPT = ROOT / "demo" / "figures.py"
+
+def build_figures(inputs: str) -> Path | None:
+  """Run demo/figures.py into a cached folder (once per change of demo/ or models/); None if it does not exist."""
+  if not FIGURES_SCRIPT.exists(): return None
+  out = CACHE / f"figures-{inputs[:24]}"
+  if not (out / ".done").exists():
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    log.info("drawing the figures with demo/figures.py")
+    r = subprocess.run([sys.executable, str(FIGURES_SCRIPT), "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0: raise RuntimeError(f"demo/figures.py failed:\n{r.stderr[-3000:]}")
+    (out / ".done").touch()
+  return out
+
+def shift_headings(markdown: str, by: int = 1) -> str:
+  """Demote the Markdown headings of an included file (outside code fences) so they nest under the page's."""
+  out, fenced = [], False
+  for line in markdown.splitlines():
+    if line.lstrip().startswith(("```", "~~~")): fenced = not fenced
+    out.append("#" * by + line if not fenced and re.match(r"#{1,5} ", line) else line)
+  return "\n".join(out)
+
+
+# ============================================ the hooks ============================================
+
+STATE: dict = {}
+MARKER = re.compile(r"^\{\{\s*(output|markdown|include|figure):\s*(.+?)\s*\}\}\s*$", re.M)
+
+def on_pre_build(config, **kw):
+  for name in [m for m in sys.modules if m in ("olmoe", "flexolmo") or m == "demo" or m.startswith("demo.")]:
+    del sys.modules[name]                  # `mkdocs serve`: snippets see the code as it is now
+  _parsed.cache_clear()
+  STATE["inputs"] = _digest_inputs()
+  STATE["figures"] = build_figures(STATE["inputs"])
+
+def on_files(files, config, **kw):
+  from mkdocs.structure.files import File
+  for name in SOURCES:
+    files.append(File.generated(config, f"source/{Path(name).stem}.md", content=source_page(name)))
+  if STATE.get("figures"):
+    for png in sorted(STATE["figures"].glob("*.png")):
+      files.append(File.generated(config, f"figures/{png.name}", abs_src_path=str(png)))
+  return files
+
+def on_page_markdown(markdown, page, config, files, **kw):
+  from mkdocs.exceptions import PluginError
+  src = page.file.src_uri
+  if src.startswith("source/"): return markdown
+  depth = src.count("/")
+  def marker(m: re.Match) -> str:
+    kind, arg = m[1], m[2]
+    if kind in ("output", "markdown"):
+      try: out = snippet_output(arg, STATE["inputs"])
+      except Exception as e: raise PluginError(f"{src}: snippet {arg} failed: {e.__class__.__name__}: {e}") from e
+      if kind == "markdown": return out.rstrip() + "\n"
+      return f'``` text title="printed by {arg}"\n{out.rstrip()}\n```\n'
+    if kind == "include":
+      path = ROOT / arg
+      if path.exists(): return shift_headings(path.read_text(encoding="utf-8")) + "\n"
+      return (f'!!! note "Filled in from `{arg}`"\n    This part of the page is `{arg}`, which the demo scripts in '
+              f"`demo/` write when they train the bundled models; it is not in this copy of the repository yet.\n")
+    name, _, caption = (s.strip() for s in arg.partition("|"))
+    if STATE.get("figures") and (STATE["figures"] / name).exists():
+      return f"![{caption}]({'../' * depth}figures/{name})\n\n*{caption}*\n"
+    if STATE.get("figures"):
+      raise PluginError(f"{src}: demo/figures.py drew no {name} (it drew: "
+                        f"{', '.join(p.name for p in STATE['figures'].glob('*.png')) or 'nothing'})")
+    return (f'!!! note "Figure: {caption}"\n    `python demo/figures.py --out DIR` draws `{name}` from the bundled '
+            f"models; the site shows it here once `demo/figures.py` exists.\n")
+  markdown = MARKER.sub(marker, markdown)
+  try: return rewrite_code_links(markdown, src)
+  except KeyError as e: raise PluginError(f"{src}: {e.args[0]}") from None
+
+def on_page_content(html, page, **kw):
+  if page.file.src_uri.startswith("source/"):   # line-number anchors as #L<n>, the way code hosts spell them
+    html = re.sub(r"__codelineno-0-(\d+)", r"L\1", html)
+  return html
