@@ -8,7 +8,8 @@
    reaches a whole section (`olmoe.py#losses`). A name that does not exist fails the build.
 3. Snippet output: a line `{{ output: snippets/x.py }}` runs docs/snippets/x.py (from the repository root, as the
    tests do) and shows what it printed; `{{ markdown: snippets/x.py }}` inserts the printed text as Markdown (tables).
-   Outputs are cached by the content of the snippet, the model files, demo/ and models/.
+   Outputs are cached by the content of the snippet, the model files, demo/ and models/. A snippet that needs a
+   file (a line `# requires: models/olmoe-demo/config.json`) shows a note instead while the file does not exist.
 4. Demo material: `{{ include: demo/RESULTS.md }}` inserts that file when it exists; `{{ figure: NAME.png | caption }}`
    shows a figure that demo/figures.py draws into the site at build time. Where they do not exist yet the page
    says which script produces them.
@@ -74,13 +75,16 @@ def symbol_lines(filename: str, symbol: str) -> tuple[int, int]:
 
 LINK = re.compile(r"\]\((?P<file>" + "|".join(re.escape(s) for s in SOURCES) + r")(?:#(?P<sym>[A-Za-z_][\w.-]*))?\)")
 
-def rewrite_code_links(markdown: str, src_uri: str) -> str:
-  """Turn `](olmoe.py#sym)` into `](<relative>/source/olmoe.md#L<a>-L<b> "olmoe.py, lines a-b")`."""
+def rewrite_code_links(markdown: str, src_uri: str, anchors: dict[str, set] | None = None) -> str:
+  """Turn `](olmoe.py#sym)` into `](<relative>/source/olmoe.md#L<a>-L<b> "olmoe.py, lines a-b")`; the anchors used
+  are added to `anchors[stem]`, so that MkDocs' anchor validation knows the source page has them."""
   depth = src_uri.count("/")
   def sub(m: re.Match) -> str:
-    target = "../" * depth + f"source/{Path(m['file']).stem}.md"
+    stem = Path(m["file"]).stem
+    target = "../" * depth + f"source/{stem}.md"
     if m["sym"] is None: return f"]({target})"
     a, b = symbol_lines(m["file"], m["sym"])
+    if anchors is not None: anchors.setdefault(stem, set()).add(f"L{a}-L{b}")
     return f']({target}#L{a}-L{b} "{m["file"]}, lines {a}–{b}")'
   return LINK.sub(sub, markdown)
 
@@ -128,6 +132,13 @@ def execute_snippet(path: str | Path) -> tuple[str, dict]:
     os.chdir(cwd)
     sys.path.remove(str(ROOT))
   return buf.getvalue(), env
+
+def requirements(path: Path) -> list[str]:
+  """Files a snippet needs, from its `# requires: a b` lines (repository-relative paths)."""
+  return [r for m in re.finditer(r"^# requires: (.+)$", path.read_text(encoding="utf-8"), re.M) for r in m[1].split()]
+
+def missing_requirements(path: Path) -> list[str]:
+  return [r for r in requirements(path) if not (ROOT / r).exists()]
 
 def cache_file(path: Path, inputs: str) -> Path:
   key = hashlib.sha256(path.read_bytes() + inputs.encode()).hexdigest()[:24]
@@ -180,12 +191,13 @@ def shift_headings(markdown: str, by: int = 1) -> str:
 # ============================================ the hooks ============================================
 
 STATE: dict = {}
-MARKER = re.compile(r"^\{\{\s*(output|markdown|include|figure):\s*(.+?)\s*\}\}\s*$", re.M)
+MARKER = re.compile(r"^([ \t]*)\{\{\s*(output|markdown|include|figure):\s*(.+?)\s*\}\}[ \t]*$", re.M)
 
 def on_pre_build(config, **kw):
   for name in [m for m in sys.modules if m in ("olmoe", "flexolmo") or m == "demo" or m.startswith("demo.")]:
     del sys.modules[name]                  # `mkdocs serve`: snippets see the code as it is now
   _parsed.cache_clear()
+  STATE["anchors"] = {Path(s).stem: set() for s in SOURCES}   # line ranges the pages link to, per source page
   STATE["inputs"] = _digest_inputs()
   STATE["figures"] = build_figures(STATE["inputs"])
 
@@ -203,9 +215,13 @@ def on_page_markdown(markdown, page, config, files, **kw):
   src = page.file.src_uri
   if src.startswith("source/"): return markdown
   depth = src.count("/")
-  def marker(m: re.Match) -> str:
-    kind, arg = m[1], m[2]
+  def marker(m: re.Match) -> str:           # a marker indented inside an admonition keeps its indentation
+    return "\n".join(m[1] + line if line.strip() else "" for line in expand(m[2], m[3]).rstrip("\n").split("\n"))
+  def expand(kind: str, arg: str) -> str:
     if kind in ("output", "markdown"):
+      if (DOCS / arg).is_file() and (missing := missing_requirements(DOCS / arg)):
+        return (f'!!! note "Output of `{arg}`"\n    This snippet runs on `{missing[0]}`, which is not in this copy of the '
+                f"repository yet; the site shows its output here once it is.\n")
       try: out = snippet_output(arg, STATE["inputs"])
       except Exception as e: raise PluginError(f"{src}: snippet {arg} failed: {e.__class__.__name__}: {e}") from e
       if kind == "markdown": return out.rstrip() + "\n"
@@ -224,10 +240,14 @@ def on_page_markdown(markdown, page, config, files, **kw):
     return (f'!!! note "Figure: {caption}"\n    `python demo/figures.py --out DIR` draws `{name}` from the bundled '
             f"models; the site shows it here once `demo/figures.py` exists.\n")
   markdown = MARKER.sub(marker, markdown)
-  try: return rewrite_code_links(markdown, src)
+  try: return rewrite_code_links(markdown, src, STATE["anchors"])
   except KeyError as e: raise PluginError(f"{src}: {e.args[0]}") from None
 
 def on_page_content(html, page, **kw):
   if page.file.src_uri.startswith("source/"):   # line-number anchors as #L<n>, the way code hosts spell them
     html = re.sub(r"__codelineno-0-(\d+)", r"L\1", html)
+    # the ranges (#L120-L135) exist through assets/source-lines.js: declare them so MkDocs validates links to them
+    ranges = STATE["anchors"][Path(page.file.src_uri).stem]
+    ranges |= page.present_anchor_ids | set(re.findall(r'id="(L\d+)"', html))
+    page.present_anchor_ids = ranges           # the same set object: ranges linked from pages read later join it
   return html

@@ -1,0 +1,44 @@
+# Exercise 3, solution: a capacity factor for olmoe.py's MoE block, and what it
+# costs the block's output.
+import math
+import numpy as np
+from tinygrad import Tensor
+import olmoe
+
+def moe_with_capacity(block, x, capacity_factor):
+  """The block's output when each expert takes at most ceil(cf * N * k / E)
+  (token, slot) assignments; also returns the share dropped."""
+  cfg = block.cfg
+  B, T, D = x.shape
+  N, E, k = B * T, cfg.num_experts, cfg.num_experts_per_tok
+  h = x.reshape(N, D)
+  z, g, i = olmoe.route(h, block.gate, k, cfg.norm_topk_prob)   # the block's router
+  capacity = math.ceil(capacity_factor * N * k / E)
+  idx, keep, load = i.numpy(), np.zeros((N, k), np.float32), np.zeros(E, int)
+  for s in range(k):                          # first choices first, then by position
+    for n in range(N):
+      if load[idx[n, s]] < capacity:
+        keep[n, s], load[idx[n, s]] = 1.0, load[idx[n, s]] + 1
+  y = olmoe.expert_ffn(h, i, block.experts_gate_up_proj, block.experts_down_proj,
+                       cfg.intermediate_size)                      # (N, k, D)
+  y = (y * (g * Tensor(keep)).unsqueeze(-1)).sum(1)                 # dropped: weight 0
+  return y.reshape(B, T, D), 1 - keep.mean()
+
+rng = np.random.default_rng(0)
+def randn(*shape, scale=1.0):
+  return Tensor((rng.normal(size=shape) * scale).astype(np.float32))
+cfg = olmoe.OlmoeConfig(hidden_size=16, intermediate_size=32,
+                        num_experts=8, num_experts_per_tok=2)
+block = olmoe.SparseMoeBlock(cfg)
+block.gate = randn(8, 16) + Tensor.eye(8, 16) * 2       # a router with favourites
+block.experts_gate_up_proj = randn(8, 64, 16, scale=0.3)
+block.experts_down_proj = randn(8, 16, 32, scale=0.3)
+x = randn(4, 16, 16) + 0.5                              # 64 tokens
+dropless, _ = block(x)
+for cf in (0.5, 1.0, 1.25, 2.0, cfg.num_experts / cfg.num_experts_per_tok):
+  y, dropped = moe_with_capacity(block, x, cf)
+  change = ((y - dropless).square().sum() / dropless.square().sum()).sqrt().item()
+  print(f"capacity factor {cf:4.2f}: {dropped:4.0%} of assignments dropped,",
+        f"relative change of the output {change:.3f}")
+# with capacity factor E/k the capacity is N: nothing is dropped
+assert np.allclose(y.numpy(), dropless.numpy(), atol=1e-5)
