@@ -2,7 +2,7 @@
 # bytes moved per token against memory bandwidth (OLMoE-1B-7B, bf16).
 E, k, L, D, I = 64, 8, 16, 2048, 1024
 expert = 3 * D * I                     # parameters of one SwiGLU expert
-total, active = 6_919_161_856, 1_281_884_160   # from the table of page 2
+total, active = 6_919_161_856, 1_282_017_280   # from the table of page 2
 shared = active - L * k * expert       # attention, norms, routers, embeddings
 B16 = 2                                # bytes per bf16 parameter
 bandwidth, flops = 3.35e12, 989e12     # an H100 SXM: HBM bytes/s, dense bf16 FLOP/s

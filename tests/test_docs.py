@@ -1,0 +1,254 @@
+"""The docs cannot drift from the code.
+
+Every Python block the pages show (inline, or a docs/snippets/ file they include) runs here; the numbers the snippets
+print, and a few the prose states, are checked against independent computations; every link into the source files
+resolves to an existing symbol; and, when mkdocs is installed, the site builds with --strict and makes no request
+outside itself. The snippet runs here also fill the cache the site build reads, so a build right after the tests
+does not run them again."""
+import importlib.util, math, os, re, shutil, subprocess, sys
+from pathlib import Path
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+sys.path.insert(0, str(ROOT))
+
+_spec = importlib.util.spec_from_file_location("docs_hooks", DOCS / "hooks.py")
+hooks = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(hooks)
+
+PAGES = sorted(DOCS.glob("*.md"))
+FENCE = re.compile(r"^(?P<indent>[ \t]*)```+ ?(?P<lang>\w+)[^\n]*\n(?P<body>.*?)^(?P=indent)```+[ \t]*$", re.M | re.S)
+INCLUDE = re.compile(r'^\s*--8<-- "([^"]+)"\s*$')
+
+
+def python_blocks() -> list[tuple[str, str, str]]:
+  """(page, kind, what) for every ```python block: kind "file" (a --8<-- include of a snippet file) or "inline"."""
+  out = []
+  for page in PAGES:
+    for m in FENCE.finditer(page.read_text(encoding="utf-8")):
+      if m["lang"] != "python": continue
+      lines = [l for l in m["body"].splitlines() if l.strip()]
+      if len(lines) == 1 and (inc := INCLUDE.match(lines[0])): out.append((page.name, "file", inc[1]))
+      else: out.append((page.name, "inline", "\n".join(l[len(m["indent"]):] for l in m["body"].splitlines())))
+  return out
+
+BLOCKS = python_blocks()
+SNIPPETS = sorted({what for _, kind, what in BLOCKS if kind == "file"})
+_runs: dict[str, tuple[str, dict]] = {}
+
+def run(snippet: str) -> tuple[str, dict]:
+  """(printed text, globals) of a snippet, run once per test session; skipped while a file it needs is absent."""
+  path = DOCS / snippet
+  if missing := hooks.missing_requirements(path):
+    pytest.skip(f"{snippet} runs on {missing[0]}, which is not in this checkout")
+  if snippet not in _runs:
+    _runs[snippet] = hooks.execute_snippet(path)
+    hooks.store_output(path, _runs[snippet][0])
+  return _runs[snippet]
+
+def page(name: str) -> str:
+  """A page's text with the math delimiters \\( \\) dropped and whitespace runs made single spaces."""
+  text = (DOCS / name).read_text(encoding="utf-8").replace("\\(", "").replace("\\)", "")
+  return " ".join(text.split())
+
+def softmax(z):
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+# ============================================ every block runs ============================================
+
+@pytest.mark.parametrize("snippet", SNIPPETS)
+def test_snippet_runs(snippet):
+  out, _ = run(snippet)
+  assert out.strip(), f"{snippet} printed nothing"
+
+@pytest.mark.parametrize("code", [what for _, kind, what in BLOCKS if kind == "inline"] or [None])
+def test_inline_python_block_runs(code, tmp_path):
+  if code is None: pytest.skip("the pages have no inline Python blocks (all code is in docs/snippets/)")
+  path = tmp_path / "block.py"
+  path.write_text(code)
+  hooks.execute_snippet(path)
+
+def test_every_snippet_file_is_shown_and_every_marker_names_a_file():
+  shown = set(SNIPPETS)
+  for p in PAGES:
+    for m in hooks.MARKER.finditer(p.read_text(encoding="utf-8")):
+      if m[2] in ("output", "markdown"):
+        assert (DOCS / m[3]).is_file(), f"{p.name}: {m[3]} does not exist"
+        shown.add(m[3])
+  files = {f"snippets/{f.name}" for f in (DOCS / "snippets").glob("*.py")}
+  assert files <= shown, f"snippet files no page shows: {sorted(files - shown)}"
+
+
+# ============================================ the numbers ============================================
+
+def test_router_example_against_numpy():
+  _, env = run("snippets/router_example.py")
+  h, W = env["h"].numpy()[0], env["W_r"].numpy()
+  z = W @ h
+  p = softmax(z)
+  top = np.argsort(-p, kind="stable")[:2]
+  np.testing.assert_allclose(env["z"].numpy()[0], z, atol=1e-6)
+  assert env["i"].numpy()[0].tolist() == top.tolist() == [0, 2]
+  np.testing.assert_allclose(env["g"].numpy()[0], p[top], atol=1e-6)
+  np.testing.assert_allclose(env["g_renorm"].numpy()[0], p[top] / p[top].sum(), atol=1e-6)
+  # the hand computation written on the page
+  text = page("router.md")
+  assert "(1.5, 0.5, 1.0, -0.5)" in text
+  assert f"9.455" in text and f"{np.exp(z).sum():.3f}" == "9.455"
+  assert "p = (" + ", ".join(f"{x:.3f}" for x in p) + ")" in text
+  assert f"g = ({p[0]:.3f}, {p[2]:.3f})" in text and f"summing to {p[top].sum():.3f}" in text
+  assert f"{p[0] / p[top].sum():.3f}" in text and f"{p[2] / p[top].sum():.3f}" in text
+  assert f"{1 - p[top].sum():.0%}" in text
+
+def test_deepseek_example():
+  _, env = run("snippets/deepseek_example.py")
+  s = 1 / (1 + np.exp(-env["z"]))
+  assert env["chosen"].tolist() == [1, 0]                       # the bias swapped expert 2 for expert 1
+  np.testing.assert_allclose(env["g"], s[[1, 0]] / s[[1, 0]].sum())
+  assert f"{s[0] / (s[0] + s[1]):.3f}" in page("router.md")
+
+def test_parameter_counts_match_the_papers():
+  _, env = run("snippets/param_counts.py")
+  count = env["count"]
+  olmoe_n, flex_n = count(env["OLMOE_1B_7B"]), count(env["FLEXOLMO_7X7B"])
+  assert round(olmoe_n["total"] / 1e9, 1) == 6.9 and round(olmoe_n["active"] / 1e9, 1) == 1.3   # "OLMoE-1B-7B"
+  assert round(flex_n["total"] / 1e9, 1) == 33.3 and flex_n["active"] == flex_n["total"]       # k = E as released
+  assert round(count(env["FLEXOLMO_7X7B"], 4)["active"] / 1e9, 2) == 20.29
+  assert f"{olmoe_n['experts'] / olmoe_n['total']:.0%} of its parameters are in the experts" in page("experts.md")
+  _, sys_env = run("snippets/systems.py")
+  assert (sys_env["total"], sys_env["active"]) == (olmoe_n["total"], olmoe_n["active"])
+
+@pytest.mark.parametrize("overrides", [dict(), dict(num_key_value_heads=2, tie_word_embeddings=True)])
+def test_parameter_count_is_what_the_models_allocate(overrides):
+  import olmoe, flexolmo
+  _, env = run("snippets/param_counts.py")
+  c = dict(vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
+           num_key_value_heads=4, num_experts=6, num_experts_per_tok=2, tie_word_embeddings=False) | overrides
+  for cfg_cls, model_cls, model_type in ((olmoe.OlmoeConfig, olmoe.Olmoe, "olmoe"),
+                                         (flexolmo.FlexOlmoConfig, flexolmo.FlexOlmo, "flex_olmo")):
+    model = model_cls(cfg_cls.from_dict(c | {"model_type": model_type}))
+    allocated = sum(math.prod(t.shape) for t in model.parameters().values())
+    assert env["count"](c)["total"] == allocated, model_type
+
+def test_one_expert_is_the_dense_ffn_and_copies_scale_it():
+  _, env = run("snippets/experts.py")
+  assert np.abs(env["one"].numpy() - env["dense"]).max() < 1e-4
+  ratio = env["four"].numpy() / env["dense"]
+  np.testing.assert_allclose(ratio, env["g4"].numpy().sum(-1)[None, :, None] * np.ones_like(ratio), rtol=1e-4)
+
+def test_load_balancing_snippet():
+  out, env = run("snippets/lb_loss.py")
+  by_hand, E, k = env["by_hand"], env["E"], env["k"]
+  assert by_hand(env["routings"]["balanced"], k)[2] == pytest.approx(k)            # uniform: k (normalised: 1)
+  assert by_hand(env["routings"]["collapsed"], k)[2] == pytest.approx(E, abs=0.01)  # collapsed: E (normalised: E/k)
+  assert by_hand(np.array([[0.04, 0.0]] * 3 + [[0.0, 9.0]]), 1)[2] < 1
+  assert "E*sum(f*P) = 2.0000   olmoe: 2.0000" in out
+  assert "E*sum(f*P) = 0.8825" in out and "(0.38, 0.62)" in page("load-balancing.md")
+  for line in out.splitlines():
+    if line.startswith("d LB / d z"):
+      a, b = re.findall(r"\[([^\]]+)\]", line)
+      np.testing.assert_allclose(np.array(a.split(), float), np.array(b.split(), float), atol=2e-3)
+    if line.startswith("z-loss"):
+      a, b = re.findall(r"(?:by hand|olmoe:) ([\d.]+)", line)
+      assert float(a) == pytest.approx(float(b), rel=1e-4)
+
+def test_capacity_snippet():
+  out, env = run("snippets/capacity.py")
+  keep, i, E = env["keep_within_capacity"], env["i"], env["E"]
+  load = np.bincount(i.ravel(), minlength=E)
+  assert f"Expert 0 is popular ({load[0]} of {i.size} assignments against an even share of {i.size // E})" in \
+    page("capacity.md")
+  drops = [(~keep(i, E, math.ceil(cf * i.size / E))).sum() for cf in (0.5, 1.0, 1.25, 2.0, E / 2)]
+  assert drops == sorted(drops, reverse=True) and drops[-1] == 0
+  assert (~keep(i, E, load.max())).sum() == 0 and (~keep(i, E, load.max() - 1)).sum() > 0
+  alone, in_batch = env["alone"], env["in_batch"]
+  assert alone.all() and not in_batch.all()                       # the page's "depends on the batch" example
+
+def test_rope_scores_depend_on_the_offset_only():
+  _, env = run("snippets/attention.py")
+  rotate, q, k = env["rotate"], env["q"], env["k"]
+  scores = [rotate(q, m) @ rotate(k, n) for m, n in [(5, 2), (13, 10), (3, 0)]]
+  assert max(scores) - min(scores) < 1e-4
+  assert env["diff"] < 1e-5
+  np.testing.assert_allclose(env["rms"](env["per_head"]), 1.0, atol=1e-3)
+  full = env["rms"](env["full"])
+  assert full[1] / full[0] > 5                                     # the full-width norm keeps the heads' ratio
+
+def test_masking_equals_deleting():
+  _, env = run("snippets/optout.py")
+  np.testing.assert_array_equal(env["g_mask"].numpy(), env["g_del"].numpy())
+  assert (env["i_mask"].numpy() != env["out"]).all()
+  assert env["takes"].any()                                         # zeroing instead leaves it in the top-k
+
+def test_analysis_definitions_by_hand():
+  _, env = run("snippets/analyses_toy.py")
+  np.testing.assert_allclose(env["load"], [4 / 6, 3 / 6, 3 / 6, 2 / 6])
+  np.testing.assert_allclose(env["coact"][0], [0, 3 / 4, 1 / 4, 0])
+  assert env["coact"][1, 0] == 1 and env["coact"][0, 1] == 0.75   # asymmetric
+  np.testing.assert_allclose(env["spec"]["code"], [1, 2 / 3, 1 / 3, 0])
+  assert env["saturation"] == pytest.approx(5 / 6)
+
+def test_systems_numbers_on_the_pages():
+  _, env = run("snippets/systems.py")
+  assert f"{env['read'] / 1e9:.1f}" == "2.6" and "2.6 GB" in page("systems.md")
+  assert f"about {round(env['bandwidth'] / env['read'], -2):.0f} tokens/s" in page("systems.md")
+  assert f"{(7 / 8) ** 100:.1e}".startswith("1.6") and "1.6 \\times 10^{-6}" in page("systems.md")
+  kv = env["kv"]
+  assert f"{kv / 1e3:.0f} kB per token" in page("quickstart.md")
+
+def test_exercise_solutions_state_their_measurements():
+  out, env = run("snippets/ex_norm_topk.py")
+  lo, hi = 1 / env["mass"].max(), 1 / env["mass"].min()
+  assert f"between about {lo:.1f} and {hi:.1f}" in page("exercises.md")
+  assert 1 / 3 < 1 - env["same"] < 1 / 2                            # "more than a third of the positions"
+
+
+# ============================================ code links ============================================
+
+def test_code_links_resolve_to_their_symbols():
+  anchors: dict[str, set] = {}
+  for p in PAGES:
+    hooks.rewrite_code_links(p.read_text(encoding="utf-8"), p.name, anchors)   # raises KeyError on a bad symbol
+  assert anchors["olmoe"] and anchors["flexolmo"]
+  a, b = hooks.symbol_lines("olmoe.py", "route")
+  lines = (ROOT / "olmoe.py").read_text().splitlines()
+  assert lines[a - 1].startswith("def route(") and "return z, g.cast(z.dtype), i" in lines[b - 1]
+  a, _ = hooks.symbol_lines("olmoe.py", "SparseMoeBlock.__call__")
+  assert lines[a - 1].strip().startswith("def __call__")
+  a, b = hooks.symbol_lines("olmoe.py", "losses")
+  assert "losses" in lines[a - 1] and a < b
+
+def test_a_link_to_a_missing_symbol_fails():
+  with pytest.raises(KeyError):
+    hooks.rewrite_code_links("see [x](olmoe.py#no_such_function)", "router.md")
+  assert "source/olmoe.md#L" in hooks.rewrite_code_links("[r](olmoe.py#route)", "router.md")
+  assert hooks.rewrite_code_links("[r](olmoe.py#route)", "sub/page.md").startswith("[r](../source/")
+
+
+# ============================================ the site ============================================
+
+def test_site_builds_strict_and_offline(tmp_path):
+  """Build the site (the snippet outputs are cached by the tests above) and check that no page loads anything from
+  another host, that the math and the snippet outputs are there, and that KaTeX is vendored."""
+  if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("material") is None:
+    pytest.skip("mkdocs-material is not installed (pip install -e '.[docs]'); .ci/run builds the site separately")
+  site = tmp_path / "site"
+  env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+  r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)], cwd=ROOT,
+                     capture_output=True, text=True, env=env, timeout=900)
+  assert r.returncode == 0, r.stderr[-4000:]
+  remote = re.compile(r"<(?:script|link|img|iframe|source)\b[^>]*\b(?:src|href)=[\"'](?:https?:)?//", re.I)
+  for html in site.rglob("*.html"):
+    assert not remote.search(html.read_text(encoding="utf-8")), f"{html.relative_to(site)} loads a remote resource"
+  css = (site / "assets" / "katex" / "katex.min.css").read_text()
+  assert "@import" not in css and "//" not in re.sub(r"/\*.*?\*/", "", css).replace("url(fonts/", "")
+  for font in re.findall(r"url\((fonts/[^)]+\.woff2)\)", css): assert (site / "assets" / "katex" / font).exists()
+  router = (site / "router" / "index.html").read_text(encoding="utf-8")
+  assert 'class="arithmatex"' in router and "OLMoE g = p_i" in router
+  assert 'href="../source/olmoe/#L' in router
+  assert (site / "source" / "olmoe" / "index.html").exists() and (site / "api" / "index.html").exists()
+  assert "load_balancing_loss" in (site / "api" / "index.html").read_text(encoding="utf-8")
