@@ -7,11 +7,12 @@ router probabilities. Attention has QK-norm over the full projection width and r
 equal Hugging Face transformers' `OlmoeForCausalLM` on the same weights (tests/test_olmoe.py).
 
 Shape legend (used in the comments on every line that changes a shape):
-  B  batch                      T  tokens in this call           S  cached + new positions (keys)
-  D  hidden_size                I  intermediate_size per expert  V  vocab_size
-  nh query heads                nkv key/value heads              hd head dim = D // nh
-  E  num_experts                k  num_experts_per_tok           N  = B*T tokens, flattened
-  L  num_hidden_layers
+
+    B  batch                      T  tokens in this call           S  cached + new positions (keys)
+    D  hidden_size                I  intermediate_size per expert  V  vocab_size
+    nh query heads                nkv key/value heads              hd head dim = D // nh
+    E  num_experts                k  num_experts_per_tok           N  = B*T tokens, flattened
+    L  num_hidden_layers
 
 Sections, in the order data flows: config, building blocks (norm, rope, attention), the router, the
 experts and the MoE block, the decoder, losses, generation, tokenizer, checkpoint loading, command line.
