@@ -8,7 +8,8 @@
    reaches a whole section (`olmoe.py#losses`). A name that does not exist fails the build.
 3. Snippet output: a line `{{ output: snippets/x.py }}` runs docs/snippets/x.py (from the repository root, as the
    tests do) and shows what it printed; `{{ markdown: snippets/x.py }}` inserts the printed text as Markdown (tables).
-   Outputs are cached by the content of the snippet, the model files, demo/ and models/. A snippet that needs a
+   Outputs are cached by the content of the snippet and of the files it depends on (the modules it imports, demo/
+   and models/ when it uses them). A snippet that needs a
    file (a line `# requires: models/olmoe-demo/config.json`) shows a note instead while the file does not exist.
 4. Demo material: `{{ include: demo/RESULTS.md }}` inserts that file when it exists; `{{ figure: NAME.png | caption }}`
    shows a figure that demo/figures.py draws into the site at build time. Where they do not exist yet the page
@@ -102,21 +103,35 @@ def source_page(filename: str) -> str:
 
 # ============================================ snippets ============================================
 
-def _digest_inputs() -> str:
-  """A hash of everything a snippet's output can depend on besides the snippet itself."""
-  h = hashlib.sha256()
-  paths = [ROOT / s for s in SOURCES]
-  for folder in ("demo", "models"):
-    if (ROOT / folder).is_dir():
-      paths += sorted(p for p in (ROOT / folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts
-                      and p.suffix not in (".png", ".svg", ".pyc"))
-  for p in paths:
+def _files(folder: str) -> list[Path]:
+  root = ROOT / folder
+  if not root.is_dir(): return []
+  return sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                and p.suffix not in (".png", ".svg", ".pyc"))
+
+def dependencies(path: Path) -> list[Path]:
+  """The repository files a snippet's output can depend on: the modules it imports (olmoe.py for flexolmo too),
+  demo/ if it uses the demo code, models/ if it names a bundled model."""
+  text = path.read_text(encoding="utf-8")
+  imported = {a.name.split(".")[0] for node in ast.walk(ast.parse(text)) if isinstance(node, (ast.Import, ast.ImportFrom))
+               for a in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
+  deps = []
+  if imported & {"olmoe", "flexolmo", "demo"}: deps.append(ROOT / "olmoe.py")
+  if imported & {"flexolmo", "demo"}: deps.append(ROOT / "flexolmo.py")
+  if "demo" in imported or "demo/" in text: deps += _files("demo")
+  if "models/" in text: deps += _files("models")
+  return deps
+
+def cache_key(path: Path) -> str:
+  """A hash of the snippet, of every file it depends on, and of tinygrad's version."""
+  h = hashlib.sha256(path.read_bytes())
+  for p in dependencies(path):
     if p.exists(): h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes() + b"\0")
   try:
     import tinygrad
     h.update(getattr(tinygrad, "__version__", "").encode())
   except ImportError: pass
-  return h.hexdigest()
+  return h.hexdigest()[:24]
 
 def execute_snippet(path: str | Path) -> tuple[str, dict]:
   """Run a snippet file as a script from the repository root; return (what it printed, its globals)."""
@@ -140,36 +155,39 @@ def requirements(path: Path) -> list[str]:
 def missing_requirements(path: Path) -> list[str]:
   return [r for r in requirements(path) if not (ROOT / r).exists()]
 
-def cache_file(path: Path, inputs: str) -> Path:
-  key = hashlib.sha256(path.read_bytes() + inputs.encode()).hexdigest()[:24]
-  return CACHE / f"{path.stem}-{key}.txt"
+def cache_file(path: Path) -> Path: return CACHE / f"{path.stem}-{cache_key(path)}.txt"
 
-def snippet_output(rel: str, inputs: str) -> str:
+def store_output(path: Path, out: str) -> None:
+  """Cache what a snippet printed (the tests call this too: they run every snippet anyway, so the next site build
+  reuses their outputs), replacing older outputs of the same snippet."""
+  CACHE.mkdir(parents=True, exist_ok=True)
+  for old in CACHE.glob(f"{path.stem}-*.txt"): old.unlink(missing_ok=True)
+  cache_file(path).write_text(out, encoding="utf-8")
+
+def snippet_output(rel: str) -> str:
   """What docs/<rel> prints, from the cache when nothing it depends on changed."""
   path = DOCS / rel
   if not path.is_file(): raise FileNotFoundError(f"no snippet {rel} (looked for {path})")
-  cached = cache_file(path, inputs)
+  cached = cache_file(path)
   if cached.exists(): return cached.read_text(encoding="utf-8")
   log.info(f"running {rel}")
   out, _ = execute_snippet(path)
-  CACHE.mkdir(parents=True, exist_ok=True)
-  cached.write_text(out, encoding="utf-8")
+  store_output(path, out)
   return out
-
-def store_output(path: Path, out: str) -> None:
-  """Used by the tests: they run every snippet anyway, so the next site build reuses what they printed."""
-  CACHE.mkdir(parents=True, exist_ok=True)
-  cache_file(path, _digest_inputs()).write_text(out, encoding="utf-8")
 
 
 # ============================================ demo material ============================================
 
 FIGURES_SCRIPT = ROOT / "demo" / "figures.py"
 
-def build_figures(inputs: str) -> Path | None:
-  """Run demo/figures.py into a cached folder (once per change of demo/ or models/); None if it does not exist."""
+def build_figures() -> Path | None:
+  """Run demo/figures.py into a cached folder (once per change of the code, demo/ or models/); None if it does not
+  exist."""
   if not FIGURES_SCRIPT.exists(): return None
-  out = CACHE / f"figures-{inputs[:24]}"
+  h = hashlib.sha256()
+  for p in [ROOT / s for s in SOURCES] + _files("demo") + _files("models"):
+    h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes() + b"\0")
+  out = CACHE / f"figures-{h.hexdigest()[:24]}"
   if not (out / ".done").exists():
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -198,8 +216,7 @@ def on_pre_build(config, **kw):
     del sys.modules[name]                  # `mkdocs serve`: snippets see the code as it is now
   _parsed.cache_clear()
   STATE["anchors"] = {Path(s).stem: set() for s in SOURCES}   # line ranges the pages link to, per source page
-  STATE["inputs"] = _digest_inputs()
-  STATE["figures"] = build_figures(STATE["inputs"])
+  STATE["figures"] = build_figures()
 
 def on_files(files, config, **kw):
   from mkdocs.structure.files import File
@@ -222,7 +239,7 @@ def on_page_markdown(markdown, page, config, files, **kw):
       if (DOCS / arg).is_file() and (missing := missing_requirements(DOCS / arg)):
         return (f'!!! note "Output of `{arg}`"\n    This snippet runs on `{missing[0]}`, which is not in this copy of the '
                 f"repository yet; the site shows its output here once it is.\n")
-      try: out = snippet_output(arg, STATE["inputs"])
+      try: out = snippet_output(arg)
       except Exception as e: raise PluginError(f"{src}: snippet {arg} failed: {e.__class__.__name__}: {e}") from e
       if kind == "markdown": return out.rstrip() + "\n"
       return f'``` text title="printed by {arg}"\n{out.rstrip()}\n```\n'

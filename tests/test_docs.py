@@ -45,7 +45,7 @@ def run(snippet: str) -> tuple[str, dict]:
     pytest.skip(f"{snippet} runs on {missing[0]}, which is not in this checkout")
   if snippet not in _runs:
     _runs[snippet] = hooks.execute_snippet(path)
-    hooks.store_output(path, _runs[snippet][0])
+    hooks.store_output(path, _runs[snippet][0])        # the site build reuses it
   return _runs[snippet]
 
 def page(name: str) -> str:
