@@ -13,7 +13,7 @@ out at inference. How it differs from olmoe.py:
      which is exactly deleting its router row and its FFN, and k is capped at the number of enabled experts.
   6. The recipe: `train-expert` (coordinated training of one owner's expert) and `merge` (assemble the owners').
 Same as OLMoE: the router `olmoe.route`, the stacked SwiGLU experts, the final norm, the LM head, losses, KV cache,
-generation, tokenizer and checkpoint loading.
+generation, tokenizer and checkpoint loading. Shape comments use olmoe.py's legend (B, T, D, I, E, k, L, ...).
 
 Not handled: the learned negative expert bias of the original training code (the released checkpoints have no place
 for it), router re-training on proxy data ("RT"), and the paper's external embedder for router initialisation (the
@@ -21,7 +21,7 @@ public model's own mean final hidden state stands in for it).
 """
 from __future__ import annotations
 import argparse, json, os, shutil, struct, sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 from tinygrad import Tensor, TinyJit, dtypes
@@ -35,19 +35,30 @@ RELEASED_NAMES = ["public", "math", "news", "academic", "code", "creative", "red
 
 @dataclass(frozen=True)
 class FlexOlmoConfig(OlmoeConfig):
-  vocab_size: int = 100352
+  """OlmoeConfig's fields (same meanings) with transformers' FlexOlmoConfig defaults: the 7x7B sizes."""
+  vocab_size: int = 100352                    # dolma2 (cl100k + specials), padded
   hidden_size: int = 4096
   intermediate_size: int = 11008
   num_hidden_layers: int = 32
   num_attention_heads: int = 32
-  rope_theta: float = 500000.0
-  rms_norm_eps: float = 1e-6
-  num_experts: int = 7
+  rope_theta: float = 500000.0                # OLMo 2's
+  rms_norm_eps: float = 1e-6                  # OLMo 2's
+  num_experts: int = 7                        # the public expert + 6 data owners
   num_experts_per_tok: int = 5                # the class default; the released 7x7B uses all 7
   pad_token_id: int | None = 100277
   eos_token_id: int | list[int] | None = 100257
   expert_names: list[str] | None = None       # who owns which expert, in router-row order (optional in config.json)
   model_type: str = "flex_olmo"
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "FlexOlmoConfig":
+    """As OLMoE's, minus clip_qkv (FlexOlmo's attention never clips, whatever config.json says), and checking that
+    `expert_names`, if given, names each expert once."""
+    cfg = super().from_dict({k: v for k, v in d.items() if k != "clip_qkv"})
+    names = cfg.expert_names
+    if names is not None and (len(names) != cfg.num_experts or len(set(names)) != len(names) or not all(names)):
+      raise OlmoeError(f"config: expert_names {names} must be {cfg.num_experts} distinct non-empty names")
+    return cfg
 
   def names(self) -> list[str]:
     """Expert names: the config's, else the released order for the released 7x7B shape, else indices."""
@@ -123,10 +134,11 @@ Raw = tuple[str, list[int], bytes]            # (safetensors dtype, shape, data)
 NP = {"F32": np.float32, "F16": np.float16}
 
 def read_raw(folder: Path) -> dict[str, Raw]:
+  """Every tensor of a checkpoint (sharded or not) as its stored bytes, keyed by transformers' names."""
   out: dict[str, Raw] = {}
   for path in olmoe.checkpoint_files(folder):
-    header = olmoe.read_safetensors_header(path)
-    data = path.read_bytes()[8 + struct.unpack("<Q", path.read_bytes()[:8])[0]:]
+    header, blob = olmoe.read_safetensors_header(path), path.read_bytes()
+    data = blob[8 + struct.unpack("<Q", blob[:8])[0]:]
     for k, v in header.items():
       if k != "__metadata__": out[k] = (v["dtype"], v["shape"], data[v["data_offsets"][0]:v["data_offsets"][1]])
   return out
@@ -145,16 +157,21 @@ def numpy_to_raw(a: np.ndarray, dt: str) -> Raw:
   else: data = a.astype(NP[dt]).tobytes()
   return dt, list(a.shape), data
 
+def check_out(out: Path, inputs: list[Path]) -> Path:
+  """The output folder must be new (so no input is ever written over)."""
+  out = out.resolve()
+  if out.exists(): raise OlmoeError(f"{out} exists: choose a new --out folder (inputs are never overwritten)")
+  if any(p.resolve() in out.parents for p in inputs): raise OlmoeError(f"--out {out} is inside an input folder")
+  return out
+
 def write_checkpoint(out: Path, config: dict, tensors: dict[str, Raw], tokenizer: Path | None,
                      inputs: list[Path]) -> None:
   """Write config.json + model.safetensors (+ tokenizer.json) into a temporary folder, then rename it to `out`."""
-  out = out.resolve()
-  if out.exists(): raise OlmoeError(f"{out} exists: choose a new --out folder (inputs are never overwritten)")
-  if any(out == p.resolve() for p in inputs): raise OlmoeError(f"--out {out} is one of the inputs")
+  out = check_out(out, inputs)
   tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
   tmp.mkdir(parents=True)
   try:
-    header, offset = {}, 0
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
     for k, (dt, shape, data) in tensors.items():
       header[k] = {"dtype": dt, "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
       offset += len(data)
@@ -176,31 +193,40 @@ PARTS = ("gate_proj", "up_proj", "down_proj")
 
 def public_expert(raw: dict[str, Raw], config: dict, l: int, part: str) -> Raw:
   """The public FFN of layer l: a dense OLMo 2 model's MLP, or expert 0 of a FlexOlmo checkpoint."""
-  if config["model_type"] == "olmo2": return raw[f"model.layers.{l}.mlp.{part}.weight"]
-  return raw[expert_key(l, 0, part)]
+  key = f"model.layers.{l}.mlp.{part}.weight" if config["model_type"] == "olmo2" else expert_key(l, 0, part)
+  if key not in raw: raise OlmoeError(f"public model: missing tensor {key}")
+  return raw[key]
 
 def read_public(folder: Path) -> tuple[dict, dict[str, Raw]]:
+  """The public model's config.json and raw tensors."""
+  if not folder.is_dir(): raise OlmoeError(f"{folder}: not a model folder (config.json + safetensors + tokenizer.json)")
   config = olmoe.read_config(folder)
   if config.get("model_type") not in ("olmo2", "flex_olmo"):
     raise OlmoeError(f"{folder}: the public model must be olmo2 (dense) or flex_olmo, not {config.get('model_type')!r}")
-  return config, read_raw(folder)
+  raw = read_raw(folder)
+  if len(kinds := sorted({t[0] for t in raw.values()})) > 1: raise OlmoeError(f"{folder}: mixed tensor dtypes {kinds}")
+  for l in range(config.get("num_hidden_layers", 0)):     # the public FFN and (FlexOlmo) router of every layer
+    for part in PARTS: public_expert(raw, config, l, part)
+    if config["model_type"] == "flex_olmo" and gate_key(l) not in raw: raise OlmoeError(f"public model: missing tensor {gate_key(l)}")
+  return config, raw
 
 
 # ========================================= coordinated expert training =========================================
 
-def read_windows(files: list[Path], tok, seq_len: int) -> np.ndarray:
-  """Tokenise the text files (documents separated by EOS) and cut them into (n, seq_len + 1) windows."""
+def read_windows(files: list[Path], tok, seq_len: int, eos: int) -> np.ndarray:
+  """Tokenise the text files (each one a document, followed by the EOS id) and cut them into (n, seq_len + 1) windows."""
   ids: list[int] = []
   for f in files:
     try: text = Path(f).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e: raise OlmoeError(f"{f}: unreadable text file ({e.__class__.__name__})") from None
-    ids += tok.encode(text) + [tok.token_to_id("<|endoftext|>") or 0]
+    ids += tok.encode(text) + [eos]
   n = len(ids) // (seq_len + 1)
   if n == 0: raise OlmoeError(f"need at least {seq_len + 1} tokens of data, got {len(ids)}")
   return np.array(ids[: n * (seq_len + 1)], dtype=np.int32).reshape(n, seq_len + 1)
 
 def mean_hidden(model: FlexOlmo, windows: np.ndarray, n: int = 16) -> np.ndarray:
-  """A domain's router embedding: the mean final hidden state of the public model over a sample of its text."""
+  """A domain's router embedding: the mean final hidden state of the public model over a sample of its text (the
+  first n windows)."""
   x = Tensor(windows[:n, :-1])
   B, T = x.shape
   h, _ = model.forward(x, Tensor.arange(T).reshape(1, T).expand(B, T), olmoe.attention_mask_3d(T, T, 0, None), hidden=True)
@@ -228,17 +254,26 @@ def train_expert(public: Path, data: list[Path], out: Path, name: str, steps: in
   """Train one data owner's expert against the frozen public model; write a 2-expert FlexOlmo checkpoint.
 
   Expert 0 and router row 0 are the public model's and never change; so do the embeddings, attention, norms and LM
-  head. Only expert 1 (initialised as a copy of the public FFN) and router row 1 (initialised as the mean hidden
-  state of the owner's data) are trained, on CE + z-loss. Returns the training losses."""
+  head. Only expert 1 (initialised as a copy of the public FFN) and router row 1 are trained, on CE + z-loss.
+  Router row 1 starts domain-informed: the mean final hidden state of the public model itself over a sample of the
+  owner's text (the paper used an external embedder, GritLM). A dense public model has no router: its row is the same
+  mean over `public_data`, or zero. Returns the training losses."""
+  if min(steps, seq_len, batch) <= 0 or lr <= 0: raise OlmoeError("--steps, --seq-len, --batch and --lr must be positive")
   config, raw = read_public(public)
-  tok = olmoe.Tokenizer.from_file(public / "tokenizer.json") if (public / "tokenizer.json").exists() else None
-  if tok is None: raise OlmoeError(f"{public}: no tokenizer.json")
-  windows = read_windows(data, tok, seq_len)
+  check_out(out, [public])
+  names = (config.get("expert_names") or ["public"])[:1] + [name]
+  if not name or name == names[0]: raise OlmoeError(f"the expert needs a name other than the public expert's ({names[0]!r})")
+  if not (public / "tokenizer.json").exists(): raise OlmoeError(f"{public}: no tokenizer.json")
+  tok = olmoe.Tokenizer.from_file(public / "tokenizer.json")
+  eos = config.get("eos_token_id")
+  eos = eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else tok.token_to_id("<|endoftext|>")
+  if eos is None: raise OlmoeError(f"{public}: no eos_token_id in config.json and no <|endoftext|> token")
+  windows = read_windows(data, tok, seq_len, eos)
   cfg, model = two_expert_model(config, raw)
   L, D = cfg.num_hidden_layers, cfg.hidden_size
   # router rows: the public row as published (FlexOlmo) or from public text (dense), the owner's from its data
   if config["model_type"] == "flex_olmo": r_pub = [raw_to_numpy(raw[gate_key(l)])[0] for l in range(L)]
-  else: r_pub = [mean_hidden(model, read_windows(public_data, tok, seq_len)) if public_data else np.zeros(D, np.float32)] * L
+  else: r_pub = [mean_hidden(model, read_windows(public_data, tok, seq_len, eos)) if public_data else np.zeros(D, np.float32)] * L
   r_dom = mean_hidden(model, windows)
   # the trainable tensors: per layer expert 1 (gate_up, down) and router row 1; everything else is a constant
   frozen = [(layer.mlp.experts_gate_up_proj[0].contiguous().realize(), layer.mlp.experts_down_proj[0].contiguous().realize(),
@@ -268,7 +303,7 @@ def train_expert(public: Path, data: list[Path], out: Path, name: str, steps: in
       losses.append(step(Tensor(windows[rng.integers(0, len(windows), batch)])).item())
       bar.set_description(f"train {name} loss {losses[-1]:.3f}")
   # write: frozen tensors as the input's bytes; expert 1 and the router in the public model's dtype
-  dt = next(iter(raw.values()))[0]
+  dt = public_expert(raw, config, 0, "up_proj")[0]
   I = cfg.intermediate_size
   tensors = {k: v for k, v in raw.items() if ".mlp." not in k}
   for l, ((gu1, dn1, r1), (_, _, r0)) in enumerate(zip(train, frozen)):
@@ -279,7 +314,6 @@ def train_expert(public: Path, data: list[Path], out: Path, name: str, steps: in
     tensors[expert_key(l, 1, "down_proj")] = numpy_to_raw(dn1.numpy(), dt)
     row0 = raw[gate_key(l)] if config["model_type"] == "flex_olmo" else numpy_to_raw(r0.numpy(), dt)
     tensors[gate_key(l)] = (dt, [2, D], row0[2][: len(row0[2]) // row0[1][0]] + numpy_to_raw(r1.numpy(), dt)[2])
-  names = (config.get("expert_names") or ["public"])[:1] + [name]
   new_config = {**config, "model_type": "flex_olmo", "architectures": ["FlexOlmoForCausalLM"], "num_experts": 2,
                 "num_experts_per_tok": 2, "expert_names": names}
   write_checkpoint(out, new_config, tensors, public / "tokenizer.json", [public])
@@ -289,15 +323,22 @@ def train_expert(public: Path, data: list[Path], out: Path, name: str, steps: in
 # ================================================= merging =================================================
 
 SAME_CONFIG = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-               "vocab_size", "rms_norm_eps", "rope_theta", "rope_parameters", "tie_word_embeddings")
+               "vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_parameters", "rope_scaling",
+               "tie_word_embeddings")
 
 def merge(public: Path, owners: list[tuple[str, Path]], out: Path, top_k: int | None = None) -> None:
   """Assemble independently trained experts into one FlexOlmo: expert 0 and router row 0 from the public model,
   expert i and row i from owner i. Every shared tensor must be bit-identical across the inputs."""
   if not owners: raise OlmoeError("merge needs at least one --expert NAME=DIR")
-  names = [n for n, _ in owners]
-  if len(set(names)) != len(names): raise OlmoeError(f"expert names must be distinct: {names}")
+  E = 1 + len(owners)
+  k = top_k or E
+  if not 0 < k <= E: raise OlmoeError(f"--top-k must be in 1..{E}")
   pub_config, pub = read_public(public)
+  names = [(pub_config.get("expert_names") or ["public"])[0]] + [n for n, _ in owners]
+  if len(set(names)) != len(names) or not all(names): raise OlmoeError(f"expert names must be distinct and non-empty: {names}")
+  for n, d in owners:
+    if not d.is_dir(): raise OlmoeError(f"{d}: expert {n!r} is not a model folder")
+  check_out(out, [public] + [d for _, d in owners])
   inputs = [(olmoe.read_config(d), read_raw(d), n, d) for n, d in owners]
   for config, raw, n, d in inputs:
     if config.get("model_type") != "flex_olmo" or config.get("num_experts") != 2:
@@ -305,11 +346,20 @@ def merge(public: Path, owners: list[tuple[str, Path]], out: Path, top_k: int | 
     for field in SAME_CONFIG:
       if config.get(field) != pub_config.get(field):
         raise OlmoeError(f"{d}: config {field} is {config.get(field)!r}, the public model has {pub_config.get(field)!r}")
-  L = pub_config["num_hidden_layers"]
+  L, D = pub_config["num_hidden_layers"], pub_config["hidden_size"]
   shared = sorted(k for k in pub if ".mlp." not in k)
+  describe = lambda t: "missing" if t is None else f"{t[0]} {t[1]}"
   for config, raw, n, d in inputs:
-    if set(k for k in raw if ".mlp." not in k) != set(shared):
-      raise OlmoeError(f"{d}: its shared tensors are not the public model's ({n!r})")
+    # the layout first: the public model's shared tensors, two experts shaped like the public FFN, a (2, D) router
+    odd = sorted(set(k for k in raw if ".mlp." not in k) ^ set(shared))
+    if odd: raise OlmoeError(f"{d}: tensor {odd[0]} is in only one of expert {n!r} and the public model")
+    for l in range(L):
+      want = {expert_key(l, e, p): public_expert(pub, pub_config, l, p)[:2] for e in (0, 1) for p in PARTS}
+      want[gate_key(l)] = (want[expert_key(l, 0, "up_proj")][0], [2, D])
+      for key, (dt, shape) in want.items():
+        if (t := raw.get(key)) is None or (t[0], list(t[1])) != (dt, list(shape)):
+          raise OlmoeError(f"{d}: tensor {key} of expert {n!r} is {describe(t)}, expected {dt} {list(shape)}")
+    # then the values: everything the owner did not train must be the public model's, bit for bit
     checks = [(k, raw[k], pub[k]) for k in shared]
     checks += [(expert_key(l, 0, p), raw[expert_key(l, 0, p)], public_expert(pub, pub_config, l, p)) for l in range(L) for p in PARTS]
     if pub_config["model_type"] == "flex_olmo":
@@ -320,19 +370,14 @@ def merge(public: Path, owners: list[tuple[str, Path]], out: Path, top_k: int | 
     for key, a, b in checks:
       if a != b: raise OlmoeError(f"{d}: tensor {key} differs from the public model's (expert {n!r}); "
                                   f"experts must be trained against the same frozen public model")
-  E = 1 + len(owners)
   tensors = {k: pub[k] for k in shared}
   for l in range(L):
     for p in PARTS:
       tensors[expert_key(l, 0, p)] = public_expert(pub, pub_config, l, p)
       for e, (_, raw, _, _) in enumerate(inputs, start=1): tensors[expert_key(l, e, p)] = raw[expert_key(l, 1, p)]
     rows = [row(inputs[0][1][gate_key(l)], 0)] + [row(raw[gate_key(l)], 1) for _, raw, _, _ in inputs]
-    dt, (_, D) = inputs[0][1][gate_key(l)][0], inputs[0][1][gate_key(l)][1]
-    tensors[gate_key(l)] = (dt, [E, D], b"".join(r[2] for r in rows))
-  k = top_k or E
-  if not 0 < k <= E: raise OlmoeError(f"--top-k must be in 1..{E}")
-  public_name = (pub_config.get("expert_names") or ["public"])[0]
-  config = {**inputs[0][0], "num_experts": E, "num_experts_per_tok": k, "expert_names": [public_name] + names}
+    tensors[gate_key(l)] = (rows[0][0], [E, D], b"".join(r[2] for r in rows))                  # (E, D)
+  config = {**inputs[0][0], "num_experts": E, "num_experts_per_tok": k, "expert_names": names}
   write_checkpoint(out, config, tensors, public / "tokenizer.json", [public] + [d for _, d in owners])
 
 def row(t: Raw, i: int) -> Raw:
@@ -361,7 +406,6 @@ def main(argv=None) -> int:
       ap.add_argument("--seq-len", type=int, default=64); ap.add_argument("--batch", type=int, default=8)
       ap.add_argument("--seed", type=int, default=0)
       a = ap.parse_args(argv[1:])
-      if a.steps <= 0: raise OlmoeError("--steps must be positive")
       losses = train_expert(a.public, a.data, a.out, a.name or a.out.name, a.steps, a.lr, a.seq_len, a.batch, a.seed,
                             a.public_data, progress=sys.stderr.isatty())
       print(f"trained {a.name or a.out.name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}; wrote {a.out}")

@@ -1,13 +1,17 @@
 """flexolmo.py against transformers' FlexOlmoForCausalLM (fp32, eager) on tiny random checkpoints it wrote, plus the
-opt-out, merge and coordinated-training recipe checked against their definitions."""
-import hashlib, json, re, subprocess, sys
+opt-out, merge and coordinated-training recipe checked against their definitions.
+
+Kernels are built with tinygrad's NOOPT=1 (no upcasting or unrolling): lowering a kernel is then about three times
+faster on CPU, and the tiny models here do not need the speed. The code under test is the same."""
+import hashlib, json, os, re, shutil, subprocess, sys
 from pathlib import Path
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 from tinygrad import Tensor
-from conftest import ROOT, TEXTS, save_hf_olmoe, hf_reference
+from tinygrad.helpers import Context
+from conftest import ROOT, TEXTS, save_hf_olmoe, hf_reference, make_tokenizer_json
 import flexolmo
 
 CONFIGS = {
@@ -15,11 +19,37 @@ CONFIGS = {
   "topk_below_E": dict(num_experts=6, num_experts_per_tok=3),
   "topk_equals_E": dict(num_experts=3, num_experts_per_tok=3, num_key_value_heads=1),
 }
+SMALL = dict(hidden_size=32, intermediate_size=16, num_attention_heads=2, num_key_value_heads=2)   # the recipe's models
+
+@pytest.fixture(autouse=True, scope="module")
+def no_kernel_optimiser():
+  with Context(NOOPT=1): yield
 
 def save_flex(path, seed=0, **kw): return save_hf_olmoe(path, seed=seed, model_type="flex_olmo", **kw)
 
+def save_olmo2(path: Path, seed: int = 0, **overrides) -> Path:
+  """A random dense Olmo2ForCausalLM (a FlexOlmo public model before upcycling), norms perturbed away from 1."""
+  from transformers import Olmo2Config, Olmo2ForCausalLM
+  kw = dict(vocab_size=320, num_hidden_layers=2, max_position_embeddings=128, eos_token_id=0, pad_token_id=1, **SMALL)
+  torch.manual_seed(seed)
+  model = Olmo2ForCausalLM(Olmo2Config(**{**kw, **overrides})).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name: p.add_(torch.randn_like(p) * 0.2)
+      else: p.mul_(3.0)
+  path.mkdir(parents=True)
+  model.save_pretrained(path)
+  make_tokenizer_json(path)
+  return path
+
 def ids_for(seed, B=2, T=12): return torch.randint(2, 320, (B, T), generator=torch.Generator().manual_seed(seed))
 
+def max_diff(model, path, ids) -> float:
+  with torch.no_grad(): theirs = hf_reference(path)(ids).logits.numpy()
+  return float(np.abs(model(Tensor(ids.numpy())).numpy() - theirs).max())
+
+
+# ------------------------------------------------- inference -------------------------------------------------
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_logits_match_transformers(name, tmp_path):
@@ -45,8 +75,7 @@ def test_greedy_generation_matches_transformers(tmp_path):
 def delete_experts(src: Path, dst: Path, gone: list[int]) -> Path:
   """The checkpoint with experts `gone` removed: their FFNs deleted (the rest renumbered) and router rows sliced."""
   sd, cfg = load_file(str(src / "model.safetensors")), json.loads((src / "config.json").read_text())
-  E = cfg["num_experts"]
-  keep = [e for e in range(E) if e not in gone]
+  keep = [e for e in range(cfg["num_experts"]) if e not in gone]
   out = {}
   for k, v in sd.items():
     m = re.fullmatch(r"(.*\.mlp\.experts)\.(\d+)\.(.*)", k)
@@ -64,13 +93,11 @@ def delete_experts(src: Path, dst: Path, gone: list[int]) -> Path:
 def test_opting_out_equals_deleting_the_experts(gone, tmp_path):
   path = save_flex(tmp_path / "full", seed=5, **CONFIGS["topk_below_E"])
   model, _ = flexolmo.load(str(path), opt_out=[str(e) for e in gone], progress=False)
-  assert model.top_k == min(3, 6 - len(gone))
+  assert model.top_k == min(3, 6 - len(gone))                                    # k capped at the enabled experts
   ids = ids_for(2)
-  with torch.no_grad(): theirs = hf_reference(delete_experts(path, tmp_path / "cut", gone))(ids).logits.numpy()
-  assert np.abs(model(Tensor(ids.numpy())).numpy() - theirs).max() <= 1e-4
-  # and the routing never picks an excluded expert
+  assert max_diff(model, delete_experts(path, tmp_path / "cut", gone), ids) <= 1e-4
   _, routing = model(Tensor(ids.numpy()), return_routing=True)
-  assert not np.isin(np.concatenate([i.numpy() for i in routing.experts]), gone).any()
+  assert not np.isin(np.concatenate([i.numpy() for i in routing.experts]), gone).any()   # never routed to
 
 
 def test_expert_names_select_experts(tmp_path):
@@ -80,113 +107,12 @@ def test_expert_names_select_experts(tmp_path):
   model, _ = flexolmo.load(str(path), experts=["public", "code"], progress=False)
   assert model.expert_mask.numpy().tolist() == [True, False, True] and model.top_k == 2
   assert model.select_experts(opt_out=["math", "code"]) == ["public"] and model.top_k == 1
+  assert model.select_experts(["2", "math"]) == ["math", "code"]                 # indices work as names too
+  assert model.select_experts() == ["public", "math", "code"] and model.expert_mask is None and model.top_k == 2
   with pytest.raises(flexolmo.OlmoeError, match="unknown expert 'poetry'"): model.select_experts(["poetry"])
   with pytest.raises(flexolmo.OlmoeError, match="every expert is excluded"): model.select_experts(opt_out=["0", "1", "2"])
-
-
-# ------------------------------------------- the recipe: train and merge -------------------------------------------
-
-def digest(folder: Path) -> dict:
-  return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
-
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-  """A 1-expert public FlexOlmo, two owners trained on different text, and their merge."""
-  root = tmp_path_factory.mktemp("recipe")
-  public = save_flex(root / "public", seed=8, num_experts=1, num_experts_per_tok=1, hidden_size=32,
-                     intermediate_size=16, num_attention_heads=2, num_key_value_heads=2)
-  (root / "code.txt").write_text("def f(x):\n    return x + 1\n" * 60)
-  (root / "prose.txt").write_text("The fox jumps over the dog. " * 60)
-  before = digest(public)
-  losses = {n: flexolmo.train_expert(public, [root / f"{n}.txt"], root / n, n, steps=12, lr=3e-3, seq_len=16, batch=4,
-                                     progress=False) for n in ("code", "prose")}
-  assert digest(public) == before
-  return root, public, losses
-
-
-def test_train_expert_freezes_everything_but_the_new_expert(recipe):
-  root, public, losses = recipe
-  pub, own = load_file(str(public / "model.safetensors")), load_file(str(root / "code" / "model.safetensors"))
-  for k, v in pub.items():
-    if ".mlp." not in k: assert np.array_equal(own[k], v), k                       # shared weights untouched
-  for l in range(2):
-    for part in ("gate_proj", "up_proj", "down_proj"):
-      e0, e1 = (own[f"model.layers.{l}.mlp.experts.{e}.{part}.weight"] for e in (0, 1))
-      assert np.array_equal(e0, pub[f"model.layers.{l}.mlp.experts.0.{part}.weight"])   # public expert frozen
-      assert not np.array_equal(e1, e0)                                                  # the owner's expert trained
-    gate = own[f"model.layers.{l}.mlp.gate.weight"]
-    assert np.array_equal(gate[0], pub[f"model.layers.{l}.mlp.gate.weight"][0]) and np.abs(gate[1]).sum() > 0
-  assert losses["code"][-1] < losses["code"][0]
-  assert json.loads((root / "code" / "config.json").read_text())["expert_names"] == ["public", "code"]
-
-
-def test_merge_loads_in_transformers_and_matches(recipe):
-  root, public, _ = recipe
-  before = {n: digest(root / n) for n in ("public", "code", "prose")}
-  flexolmo.merge(public, [("code", root / "code"), ("prose", root / "prose")], root / "merged")
-  assert {n: digest(root / n) for n in before} == before                           # inputs untouched
-  cfg = json.loads((root / "merged" / "config.json").read_text())
-  assert cfg["num_experts"] == 3 and cfg["expert_names"] == ["public", "code", "prose"]
-  merged, own = load_file(str(root / "merged" / "model.safetensors")), load_file(str(root / "prose" / "model.safetensors"))
-  assert np.array_equal(merged["model.layers.1.mlp.experts.2.up_proj.weight"], own["model.layers.1.mlp.experts.1.up_proj.weight"])
-  assert np.array_equal(merged["model.layers.1.mlp.gate.weight"][2], own["model.layers.1.mlp.gate.weight"][1])
-  model, _ = flexolmo.load(str(root / "merged"), progress=False)
-  ids = ids_for(4, T=10)
-  with torch.no_grad(): theirs = hf_reference(root / "merged")(ids).logits.numpy()
-  assert np.abs(model(Tensor(ids.numpy())).numpy() - theirs).max() <= 1e-4
-
-
-def run_cli(*args):
-  return subprocess.run([sys.executable, str(ROOT / "flexolmo.py"), *map(str, args)], capture_output=True, text=True, timeout=600)
-
-def assert_clean_error(r, *words):
-  assert r.returncode == 2, r.stderr
-  line = r.stderr.strip()
-  assert "\n" not in line and line.startswith("error:") and "Traceback" not in line, r.stderr
-  for w in words: assert w in line, line
-
-
-def test_merge_refuses_different_shared_weights(recipe, tmp_path):
-  root, public, _ = recipe
-  import shutil
-  shutil.copytree(root / "prose", tmp_path / "bad")
-  sd = load_file(str(tmp_path / "bad" / "model.safetensors"))
-  sd["model.layers.0.self_attn.k_proj.weight"] = sd["model.layers.0.self_attn.k_proj.weight"] + 1e-3
-  save_file(sd, str(tmp_path / "bad" / "model.safetensors"))
-  r = run_cli("merge", "--public", public, "--expert", f"code={root / 'code'}", "--expert", f"bad={tmp_path / 'bad'}",
-              "--out", tmp_path / "out")
-  assert_clean_error(r, "model.layers.0.self_attn.k_proj.weight")
-  assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))     # nothing written
-  cfg = json.loads((tmp_path / "bad" / "config.json").read_text())
-  (tmp_path / "bad" / "config.json").write_text(json.dumps({**cfg, "hidden_size": 64}))
-  assert_clean_error(run_cli("merge", "--public", public, "--expert", f"bad={tmp_path / 'bad'}", "--out", tmp_path / "out"),
-                     "hidden_size")
-  assert_clean_error(run_cli("merge", "--public", public, "--expert", f"code={root / 'code'}", "--out", root / "code"), "exists")
-
-
-def test_cli_expert_selection_and_bad_input(recipe):
-  root, public, _ = recipe
-  merged = root / "merged"
-  if not merged.exists(): flexolmo.merge(public, [("code", root / "code"), ("prose", root / "prose")], merged)
-  r = run_cli("--model", merged, "--prompt", "def f", "--max-new-tokens", "3", "--experts", "public,code", "--show-routing")
-  assert r.returncode == 0, r.stderr
-  assert "code" in r.stdout and "prose" not in r.stdout.split("\n", 1)[1]
-  assert_clean_error(run_cli("--model", merged, "--prompt", "hi", "--experts", "poetry"), "unknown expert 'poetry'")
-  assert_clean_error(run_cli("--model", merged, "--prompt", "hi", "--opt-out", "public,code,prose"), "every expert")
-  assert_clean_error(run_cli("train-expert", "--public", public, "--data", root / "nope.txt", "--out", root / "x"), "nope.txt")
-  assert not (root / "x").exists()
-
-
-def test_dolma2_tokenizer_through_flexolmo_load(tmp_path):
-  from test_tokenizer import make_dolma2_tokenizer_json, cl100k
-  from tokenizers import Tokenizer as HF
-  path = save_flex(tmp_path, seed=9, with_tokenizer=False, vocab_size=100352, hidden_size=16, intermediate_size=8,
-                   num_attention_heads=2, num_key_value_heads=2, num_experts=2, num_experts_per_tok=1, num_hidden_layers=1)
-  make_dolma2_tokenizer_json(path / "tokenizer.json")
-  model, tok = flexolmo.load(str(path), progress=False)
-  hf, enc = HF.from_file(str(path / "tokenizer.json")), cl100k()
-  for text in TEXTS[:6]:
-    assert tok.encode(text) == hf.encode(text).ids == enc.encode_ordinary(text)
+  for bad in (["public", "math"], ["a", "a", "b"]):
+    with pytest.raises(flexolmo.OlmoeError, match="expert_names"): flexolmo.FlexOlmoConfig.from_dict({**cfg, "expert_names": bad})
 
 
 def test_config_defaults_are_transformers():
@@ -196,4 +122,194 @@ def test_config_defaults_are_transformers():
             "num_experts", "num_experts_per_tok", "eos_token_id", "pad_token_id", "norm_topk_prob"):
     assert getattr(ours, f) == getattr(theirs, f), f
   assert ours.rope_theta == theirs.rope_parameters["rope_theta"] == 500000
-  assert ours.names() == flexolmo.RELEASED_NAMES                                   # the released 7x7B shape
+  assert ours.names() == flexolmo.RELEASED_NAMES                                   # the released 7x7B layout says nothing
+  assert flexolmo.FlexOlmoConfig.from_dict({"model_type": "flex_olmo", "num_hidden_layers": 2}).names() == list("0123456")
+  assert flexolmo.FlexOlmoConfig.from_dict({"model_type": "flex_olmo", "clip_qkv": 1.0}).clip_qkv is None   # never clips
+  with pytest.raises(flexolmo.OlmoeError, match="model_type 'olmoe'"): flexolmo.FlexOlmoConfig.from_dict({"model_type": "olmoe"})
+
+
+def test_dolma2_tokenizer_through_flexolmo_load(tmp_path):
+  fixtures = pytest.importorskip("tokenizer_fixtures", reason="tests/tokenizer_fixtures.py (dolma2 tokenizer.json) absent")
+  from tokenizers import Tokenizer as HF
+  path = save_flex(tmp_path, seed=9, with_tokenizer=False, vocab_size=100352, hidden_size=16, intermediate_size=8,
+                   num_attention_heads=2, num_key_value_heads=2, num_experts=2, num_experts_per_tok=1, num_hidden_layers=1)
+  fixtures.make_dolma2_tokenizer_json(path / "tokenizer.json")
+  _, tok = flexolmo.load(str(path), progress=False)
+  hf, enc = HF.from_file(str(path / "tokenizer.json")), fixtures.cl100k()
+  for text in TEXTS[:6]:
+    assert tok.encode(text) == hf.encode(text, add_special_tokens=False).ids == enc.encode_ordinary(text)
+    assert tok.decode(tok.encode(text)) == text
+  assert tok.encode("<|endoftext|>") == [100257] and tok.encode("<|pad|>") == [100277]   # the config's eos / pad
+
+
+# ------------------------------------------- the recipe: train and merge -------------------------------------------
+
+def digest(folder: Path) -> dict:
+  return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+def write_texts(root: Path) -> None:
+  (root / "code.txt").write_text("def f(x):\n    return x + 1\n" * 60)
+  (root / "prose.txt").write_text("The fox jumps over the dog. " * 60)
+
+def ce(folder: Path, windows: np.ndarray) -> float:
+  """Mean next-token cross-entropy of a checkpoint (loaded by flexolmo) on (n, T+1) windows."""
+  model, _ = flexolmo.load(str(folder), progress=False)
+  logits = model(Tensor(windows[:, :-1])).numpy().astype(np.float64)             # (n, T, V)
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+  return float(-np.take_along_axis(logp, windows[:, 1:, None], -1).mean())
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+  """A 1-expert public FlexOlmo, two owners trained on different text (inputs hashed before and after)."""
+  root = tmp_path_factory.mktemp("recipe")
+  public = save_flex(root / "public", seed=8, num_experts=1, num_experts_per_tok=1, **SMALL)
+  write_texts(root)
+  before = digest(public) | {f: hashlib.sha256((root / f).read_bytes()).hexdigest() for f in ("code.txt", "prose.txt")}
+  losses = {n: flexolmo.train_expert(public, [root / f"{n}.txt"], root / n, n, steps=12, lr=3e-3, seq_len=16, batch=4,
+                                     progress=False) for n in ("code", "prose")}
+  assert digest(public) | {f: hashlib.sha256((root / f).read_bytes()).hexdigest() for f in ("code.txt", "prose.txt")} == before
+  return root, public, losses
+
+
+def test_train_expert_freezes_everything_but_the_new_expert(recipe):
+  root, public, losses = recipe
+  pub, own = load_file(str(public / "model.safetensors")), load_file(str(root / "code" / "model.safetensors"))
+  assert set(own) - set(pub) == {f"model.layers.{l}.mlp.experts.1.{p}.weight" for l in range(2) for p in flexolmo.PARTS}
+  for k, v in pub.items():
+    if not k.endswith("mlp.gate.weight"): assert np.array_equal(own[k], v), k    # shared weights and public expert
+  for l in range(2):
+    for part in flexolmo.PARTS:
+      e0, e1 = (own[f"model.layers.{l}.mlp.experts.{e}.{part}.weight"] for e in (0, 1))
+      assert not np.array_equal(e1, e0), (l, part)                                # the owner's expert trained
+    gate, gate0 = own[f"model.layers.{l}.mlp.gate.weight"], pub[f"model.layers.{l}.mlp.gate.weight"]
+    assert gate.shape == (2, 32) and np.array_equal(gate[:1], gate0) and np.abs(gate[1]).sum() > 0
+  assert json.loads((root / "code" / "config.json").read_text())["expert_names"] == ["public", "code"]
+  assert (root / "code" / "tokenizer.json").read_bytes() == (public / "tokenizer.json").read_bytes()
+  # the loss on the owner's data went down: the public model before, the 2-expert checkpoint after
+  tok = flexolmo.olmoe.Tokenizer.from_file(public / "tokenizer.json")
+  windows = flexolmo.read_windows([root / "code.txt"], tok, 16, eos=0)[:8]
+  assert ce(root / "code", windows) < ce(public, windows) - 0.1
+  assert np.mean(losses["code"][-3:]) < np.mean(losses["code"][:3])
+
+
+def test_train_expert_router_row_starts_as_the_domain_mean(recipe, tmp_path):
+  """Domain-informed initialisation: with lr ~ 0 the owner's router row stays the public model's mean final hidden
+  state over (a sample of) the owner's windows, the same vector in every layer."""
+  root, public, _ = recipe
+  flexolmo.train_expert(public, [root / "prose.txt"], tmp_path / "p", "prose", steps=1, lr=1e-30, seq_len=16, batch=4, progress=False)
+  gates = [load_file(str(tmp_path / "p" / "model.safetensors"))[f"model.layers.{l}.mlp.gate.weight"][1] for l in range(2)]
+  model, tok = flexolmo.load(str(public), progress=False)
+  windows = flexolmo.read_windows([root / "prose.txt"], tok, 16, eos=0)[:16]
+  B, T = windows[:, :-1].shape
+  h, _ = model.forward(Tensor(windows[:, :-1]), Tensor.arange(T).reshape(1, T).expand(B, T),
+                       flexolmo.olmoe.attention_mask_3d(T, T, 0, None), hidden=True)   # (B, T, D)
+  np.testing.assert_allclose(gates[0], h.numpy().mean((0, 1)), atol=1e-5)
+  assert np.array_equal(gates[0], gates[1])
+
+
+def test_merge_loads_in_transformers_and_matches(recipe):
+  root, public, _ = recipe
+  before = {n: digest(root / n) for n in ("public", "code", "prose")}
+  flexolmo.merge(public, [("code", root / "code"), ("prose", root / "prose")], root / "merged")
+  assert {n: digest(root / n) for n in before} == before                           # inputs untouched
+  cfg = json.loads((root / "merged" / "config.json").read_text())
+  assert cfg["num_experts"] == 3 and cfg["num_experts_per_tok"] == 3 and cfg["expert_names"] == ["public", "code", "prose"]
+  merged, pub = load_file(str(root / "merged" / "model.safetensors")), load_file(str(public / "model.safetensors"))
+  for e, owner in enumerate(("code", "prose"), start=1):
+    own = load_file(str(root / owner / "model.safetensors"))
+    for l in range(2):
+      for p in flexolmo.PARTS:
+        assert np.array_equal(merged[f"model.layers.{l}.mlp.experts.{e}.{p}.weight"], own[f"model.layers.{l}.mlp.experts.1.{p}.weight"])
+        assert np.array_equal(merged[f"model.layers.{l}.mlp.experts.0.{p}.weight"], pub[f"model.layers.{l}.mlp.experts.0.{p}.weight"])
+      assert np.array_equal(merged[f"model.layers.{l}.mlp.gate.weight"][e], own[f"model.layers.{l}.mlp.gate.weight"][1])
+  model, _ = flexolmo.load(str(root / "merged"), progress=False)
+  assert max_diff(model, root / "merged", ids_for(4, T=10)) <= 1e-4
+
+
+def run_cli(*args):
+  return subprocess.run([sys.executable, str(ROOT / "flexolmo.py"), *map(str, args)], capture_output=True, text=True,
+                        timeout=600, env={**os.environ, "NOOPT": "1"})
+
+def assert_clean_error(r, *words):
+  assert r.returncode == 2, r.stderr
+  line = r.stderr.strip()
+  assert "\n" not in line and line.startswith("error:") and "Traceback" not in line, r.stderr
+  for w in words: assert w in line, line
+
+
+def test_merge_refuses_mismatched_inputs(recipe, tmp_path):
+  root, public, _ = recipe
+  def owner(name, edit=None, config=None):    # a copy of the prose owner, with one tensor or config field changed
+    shutil.copytree(root / "prose", tmp_path / name)
+    sd = load_file(str(tmp_path / name / "model.safetensors"))
+    if edit: edit(sd)
+    save_file(sd, str(tmp_path / name / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((tmp_path / name / "config.json").read_text())
+    (tmp_path / name / "config.json").write_text(json.dumps({**cfg, **(config or {})}))
+    return f"{name}={tmp_path / name}"
+  def refused(*experts, words, out=tmp_path / "out"):
+    ins = [public, root / "code", *(Path(e.split("=", 1)[1]) for e in experts)]
+    before = {p: digest(p) for p in ins}
+    args = [a for e in experts for a in ("--expert", e)]
+    assert_clean_error(run_cli("merge", "--public", public, "--expert", f"code={root / 'code'}", *args, "--out", out), *words)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))   # nothing written
+    assert {p: digest(p) for p in ins} == before                                   # inputs untouched
+  k = "model.layers.0.self_attn.k_proj.weight"
+  refused(owner("shared", lambda sd: sd.__setitem__(k, sd[k] + 1e-3)), words=["tensor " + k, "differs", "'shared'"])
+  refused(owner("wide", config={"hidden_size": 64}), words=["hidden_size"])
+  d = "model.layers.1.mlp.experts.1.down_proj.weight"
+  refused(owner("shape", lambda sd: sd.__setitem__(d, sd[d][:, :8].copy())), words=[d, "F32 [32, 8]", "expected F32 [32, 16]"])
+  g = "model.layers.0.mlp.gate.weight"
+  refused(owner("nogate", lambda sd: sd.pop(g)), words=[g, "missing"])
+  refused(f"code={root / 'prose'}", words=["distinct"])
+  refused(words=["exists"], out=root / "code")                                      # never over an input
+  refused(words=["inside an input"], out=public / "merged")
+
+
+def test_dense_public_model_is_upcycled(tmp_path):
+  """An OLMo 2 (dense) public model: the 2-expert model with both slots its FFN is the same function; after
+  training, every dense weight is bit-identical, expert 0 is the dense MLP, and transformers agrees with us."""
+  public = save_olmo2(tmp_path / "dense", seed=11)
+  write_texts(tmp_path)
+  config, raw = flexolmo.read_public(public)
+  _, model = flexolmo.two_expert_model(config, raw)
+  assert max_diff(model, public, ids_for(5)) <= 1e-4
+  before = digest(public)
+  flexolmo.train_expert(public, [tmp_path / "code.txt"], tmp_path / "code", "code", steps=3, lr=3e-3, seq_len=16, batch=4,
+                        progress=False)
+  assert digest(public) == before
+  dense, own = load_file(str(public / "model.safetensors")), load_file(str(tmp_path / "code" / "model.safetensors"))
+  for k, v in dense.items():
+    if (m := re.fullmatch(r"model\.layers\.(\d+)\.mlp\.(\w+)\.weight", k)):
+      assert np.array_equal(own[f"model.layers.{m[1]}.mlp.experts.0.{m[2]}.weight"], v), k
+      assert not np.array_equal(own[f"model.layers.{m[1]}.mlp.experts.1.{m[2]}.weight"], v), k
+    else: assert np.array_equal(own[k], v), k
+  assert all(np.array_equal(own[f"model.layers.{l}.mlp.gate.weight"][0], np.zeros(32)) for l in range(2))   # no public text given
+  model, _ = flexolmo.load(str(tmp_path / "code"), progress=False)
+  assert max_diff(model, tmp_path / "code", ids_for(6)) <= 1e-4
+  # merging one owner onto the dense public model gives the owner's tensors back
+  flexolmo.merge(public, [("code", tmp_path / "code")], tmp_path / "merged")
+  merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+  assert merged.keys() == own.keys() and all(np.array_equal(merged[k], own[k]) for k in own)
+
+
+def test_cli_expert_selection_and_bad_input(recipe):
+  root, public, _ = recipe
+  merged = root / "merged"
+  if not merged.exists(): flexolmo.merge(public, [("code", root / "code"), ("prose", root / "prose")], merged)
+  r = run_cli("--model", merged, "--prompt", "def f", "--max-new-tokens", "3", "--experts", "public,code", "--show-routing")
+  assert r.returncode == 0, r.stderr
+  routing = [line for line in r.stdout.splitlines() if line.strip().startswith("L")]
+  assert len(routing) == 3 * 2 and all("public" in line and "code" in line and "prose" not in line for line in routing)
+  assert_clean_error(run_cli("--model", merged, "--prompt", "hi", "--experts", "poetry"), "unknown expert 'poetry'")
+  assert_clean_error(run_cli("--model", merged, "--prompt", "hi", "--opt-out", "public,code,prose"), "every expert")
+  assert_clean_error(run_cli("--model", root / "nowhere", "--prompt", "hi"), "nowhere")
+  if not (flexolmo.DEMO_MODEL / "config.json").exists():          # no bundled demo model yet: say how to get one
+    assert_clean_error(run_cli("--prompt", "hi"), "no model", "--model")
+  assert_clean_error(run_cli("train-expert", "--public", public, "--data", root / "nope.txt", "--out", root / "x"), "nope.txt")
+  assert_clean_error(run_cli("train-expert", "--public", root / "code.txt", "--data", root / "code.txt", "--out", root / "x"),
+                     "code.txt")
+  assert_clean_error(run_cli("train-expert", "--public", public, "--data", root / "code.txt", "--out", root / "x",
+                             "--name", "public"), "public expert")
+  assert_clean_error(run_cli("train-expert", "--public", public, "--data", root / "code.txt", "--out", root / "prose"), "exists")
+  assert not (root / "x").exists()
