@@ -1,6 +1,6 @@
 """MkDocs hooks (mkdocs.yml `hooks:`) that keep the site tied to the code it explains.
 
-1. Source pages: olmoe.py and flexolmo.py are published as `source/olmoe.md` / `source/flexolmo.md`, one code block
+1. Source pages: olmoe.py, flexolmo.py and demo/analysis.py are published as `source/<stem>.md`, one code block
    whose line numbers are anchors (`#L120`; `#L120-L135` highlights a range, see assets/source-lines.js).
 2. Code links: in a page, `[route()](olmoe.py#route)` becomes a link to the lines of `route` in the source page,
    found with `ast` when the site is built, so links follow the code when it moves. A dotted name reaches methods and
@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-SOURCES = ("olmoe.py", "flexolmo.py")                 # published as source/<stem>.md
+SOURCES = ("olmoe.py", "flexolmo.py", "demo/analysis.py")   # published as source/<stem>.md
 CACHE = Path(tempfile.gettempdir()) / "olmoe-tinygrad-docs"
 log = logging.getLogger("mkdocs.hooks.olmoe_docs")
 
@@ -110,16 +110,17 @@ def _files(folder: str) -> list[Path]:
                 and p.suffix not in (".png", ".svg", ".pyc"))
 
 def dependencies(path: Path) -> list[Path]:
-  """The repository files a snippet's output can depend on: the modules it imports (olmoe.py for flexolmo too),
-  demo/ if it uses the demo code, models/ if it names a bundled model."""
+  """The repository files a snippet's output can depend on: the project modules it imports (flexolmo.py builds on
+  olmoe.py), demo/ if it imports from there, and the bundled models (and the code that runs them) if it names one."""
   text = path.read_text(encoding="utf-8")
   imported = {a.name.split(".")[0] for node in ast.walk(ast.parse(text)) if isinstance(node, (ast.Import, ast.ImportFrom))
                for a in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
+  uses_models = "models/" in text
   deps = []
-  if imported & {"olmoe", "flexolmo", "demo"}: deps.append(ROOT / "olmoe.py")
-  if imported & {"flexolmo", "demo"}: deps.append(ROOT / "flexolmo.py")
-  if "demo" in imported or "demo/" in text: deps += _files("demo")
-  if "models/" in text: deps += _files("models")
+  if imported & {"olmoe", "flexolmo"} or uses_models: deps.append(ROOT / "olmoe.py")
+  if "flexolmo" in imported or uses_models: deps.append(ROOT / "flexolmo.py")
+  if "demo" in imported or uses_models: deps += _files("demo")
+  if uses_models: deps += _files("models")
   return deps
 
 def cache_key(path: Path) -> str:

@@ -190,6 +190,7 @@ def test_analysis_definitions_by_hand():
   np.testing.assert_allclose(env["coact"][0], [0, 3 / 4, 1 / 4, 0])
   assert env["coact"][1, 0] == 1 and env["coact"][0, 1] == 0.75   # asymmetric
   np.testing.assert_allclose(env["spec"]["code"], [1, 2 / 3, 1 / 3, 0])
+  np.testing.assert_allclose(env["vocab"][env["ids"].tolist().index(7)], [1, 2 / 3, 1 / 3, 0])
   assert env["saturation"] == pytest.approx(5 / 6)
 
 def test_systems_numbers_on_the_pages():

@@ -9,7 +9,7 @@ rng = np.random.default_rng(0)
 cfg = olmoe.OlmoeConfig(vocab_size=128, hidden_size=32, intermediate_size=32,
                         num_hidden_layers=2, num_attention_heads=4,
                         num_experts=8, num_experts_per_tok=2)
-model = olmoe.Olmoe(cfg)       # random weights; or olmoe.load("models/olmoe-demo")
+model = olmoe.Olmoe(cfg)                 # random weights (or the bundled model)
 weights = {name: rng.normal(1.0 if "norm" in name else 0.0,
                             0.1 if "norm" in name else 0.2, w.shape).astype(np.float32)
            for name, w in model.parameters().items()}
