@@ -121,6 +121,8 @@ def dependencies(path: Path) -> list[Path]:
   if "flexolmo" in imported or uses_models: deps.append(ROOT / "flexolmo.py")
   if "demo" in imported or uses_models: deps += _files("demo")
   if uses_models: deps += _files("models")
+  for name in sorted(imported):                        # another snippet it imports, and what that one uses
+    if (other := path.parent / f"{name}.py").is_file() and other != path: deps += [other, *dependencies(other)]
   return deps
 
 def cache_key(path: Path) -> str:
@@ -139,14 +141,14 @@ def execute_snippet(path: str | Path) -> tuple[str, dict]:
   path = Path(path)
   if not path.is_absolute(): path = DOCS / path
   buf, cwd = io.StringIO(), os.getcwd()
-  sys.path.insert(0, str(ROOT))
+  sys.path[:0] = [str(path.parent), str(ROOT)]       # as `python docs/snippets/x.py` run from the repository root
   os.chdir(ROOT)
   try:
     with contextlib.redirect_stdout(buf):
       env = runpy.run_path(str(path), run_name="__main__")
   finally:
     os.chdir(cwd)
-    sys.path.remove(str(ROOT))
+    sys.path.remove(str(path.parent)); sys.path.remove(str(ROOT))
   return buf.getvalue(), env
 
 def requirements(path: Path) -> list[str]:
@@ -213,8 +215,10 @@ STATE: dict = {}
 MARKER = re.compile(r"^([ \t]*)\{\{\s*(output|markdown|include|figure):\s*(.+?)\s*\}\}[ \t]*$", re.M)
 
 def on_pre_build(config, **kw):
-  for name in [m for m in sys.modules if m in ("olmoe", "flexolmo") or m == "demo" or m.startswith("demo.")]:
-    del sys.modules[name]                  # `mkdocs serve`: snippets see the code as it is now
+  snippets = str(DOCS / "snippets")
+  for name, mod in list(sys.modules.items()):    # `mkdocs serve`: snippets see the code as it is now
+    if name in ("olmoe", "flexolmo", "demo") or name.startswith("demo.") or \
+       str(getattr(mod, "__file__", None) or "").startswith(snippets): del sys.modules[name]
   _parsed.cache_clear()
   STATE["anchors"] = {Path(s).stem: set() for s in SOURCES}   # line ranges the pages link to, per source page
   STATE["figures"] = build_figures()

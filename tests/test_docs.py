@@ -119,6 +119,10 @@ def test_parameter_counts_match_the_papers():
   assert round(flex_n["total"] / 1e9, 1) == 33.3 and flex_n["active"] == flex_n["total"]       # k = E as released
   assert round(count(env["FLEXOLMO_7X7B"], 4)["active"] / 1e9, 2) == 20.29
   assert f"{olmoe_n['experts'] / olmoe_n['total']:.0%} of its parameters are in the experts" in page("experts.md")
+  out, _ = run("snippets/memory.py")
+  gb = 2 * olmoe_n["total"] / 1e9
+  assert f"| {gb:.1f} GB |" in out and f"about {gb:.0f} GB for its bf16 weights ({2 * gb:.0f} GB in fp32)" in \
+    page("quickstart.md")
   _, sys_env = run("snippets/systems.py")
   assert (sys_env["total"], sys_env["active"]) == (olmoe_n["total"], olmoe_n["active"])
 

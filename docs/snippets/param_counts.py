@@ -28,15 +28,14 @@ def count(c: dict, k: int | None = None) -> dict:
 
 def b(n: int) -> str: return f"{n / 1e9:.2f}B"
 
-rows = [("OLMoE-1B-7B", OLMOE_1B_7B, None),
-        ("FlexOlmo-7x7B-1T (as released, k = 7)", FLEXOLMO_7X7B, None),
-        ("FlexOlmo-7x7B-1T with k = 4", FLEXOLMO_7X7B, 4)]
-print("| model | E | k | one expert | all experts | shared | total "
-      "| active per token | weights in bf16 | in fp32 |")
-print("|---|---|---|---|---|---|---|---|---|---|")
-for name, c, k in rows:
-  n = count(c, k)
-  print(f"| {name} | {c['num_experts']} | {k or c['num_experts_per_tok']} "
-        f"| {n['expert'] / 1e6:.1f}M | {b(n['experts'])} | {b(n['shared'])} "
-        f"| **{b(n['total'])}** | **{b(n['active'])}** "
-        f"| {2 * n['total'] / 1e9:.1f} GB | {4 * n['total'] / 1e9:.1f} GB |")
+if __name__ == "__main__":
+  rows = [("OLMoE-1B-7B", OLMOE_1B_7B, None),
+          ("FlexOlmo-7x7B-1T (as released, k = 7)", FLEXOLMO_7X7B, None),
+          ("FlexOlmo-7x7B-1T with k = 4", FLEXOLMO_7X7B, 4)]
+  print("| model | E | k | one expert | all experts | shared | total | active per token |")
+  print("|---|---|---|---|---|---|---|---|")
+  for name, c, k in rows:
+    n = count(c, k)
+    print(f"| {name} | {c['num_experts']} | {k or c['num_experts_per_tok']} "
+          f"| {n['expert'] / 1e6:.1f}M | {b(n['experts'])} | {b(n['shared'])} "
+          f"| **{b(n['total'])}** | **{b(n['active'])}** |")
