@@ -180,6 +180,17 @@ def build(out: Path, seed: int = 0, docs_dir: Path | None = None, math_docs: int
 def read_domain(folder: Path, domain: str, part: str) -> str:
   return (Path(folder) / f"{domain}.{part}.txt").read_text(encoding="utf-8")
 
+def write_samples(folder: Path, out: Path, chars: int = 16_000) -> None:
+  """demo/samples/<domain>.txt: the first whole documents of each validation split, about `chars` characters, for
+  the figures and tests of a fresh clone (which has no demo/build). Same sources and licences as above."""
+  out.mkdir(parents=True, exist_ok=True)
+  for d in DOMAINS:
+    docs, n = [], 0
+    for doc in read_domain(folder, d, "valid").split(EOS):
+      if n >= chars: break
+      docs.append(doc); n += len(doc)
+    (out / f"{d}.txt").write_text("\n\n".join(docs)[:chars * 2], encoding="utf-8")
+
 
 # =============================================== tokenizer ===============================================
 
@@ -205,7 +216,9 @@ if __name__ == "__main__":
   ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "build" / "data")
   ap.add_argument("--seed", type=int, default=0, help="seed of the generated arithmetic")
   ap.add_argument("--docs", type=Path, default=None, help="a folder of the Python docs' *.rst.txt sources")
+  ap.add_argument("--samples", type=Path, default=None, help="also write held-out samples here (demo/samples)")
   a = ap.parse_args()
   m = build(a.out, a.seed, a.docs)
   for f, v in m["files"].items(): print(f"{f:22s} {v['bytes'] / 1e6:6.2f} MB  {v['sha256'][:16]}")
   print(json.dumps(m["documents"]))
+  if a.samples: write_samples(a.out, a.samples)

@@ -1,0 +1,118 @@
+"""The bundled demo models and the scripts that make them: the trainer on a tiny config, the checkpoints' recorded
+hashes, seeded generation, the command line's default model, and the FlexOlmo demo's opt-out identity."""
+import hashlib, json, subprocess, sys
+from pathlib import Path
+import numpy as np
+import pytest
+from conftest import ROOT, TEXTS, make_tokenizer_json, hf_reference
+
+sys.path.insert(0, str(ROOT / "demo"))
+MODELS = ROOT / "models"
+BUNDLED = [MODELS / "olmoe-demo", MODELS / "flexolmo-demo"]
+
+
+# ------------------------------------------------- the trainer -------------------------------------------------
+
+TINY = ["--set", "hidden_size=32", "--set", "intermediate_size=16", "--set", "num_hidden_layers=2",
+        "--set", "num_attention_heads=2", "--set", "num_experts=4", "--set", "vocab_size=320",
+        "--set", "max_position_embeddings=64"]
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """demo/train.py for 40 steps of a tiny OLMoE on three made-up domains, then resumed to 60 in a second process."""
+  root = tmp_path_factory.mktemp("train")
+  data = root / "data"; data.mkdir()
+  for i, d in enumerate(("prose", "code", "math")):
+    for part in ("train", "valid"):
+      (data / f"{d}.{part}.txt").write_text("<|endoftext|>".join(TEXTS[i::3] * 3), encoding="utf-8")
+  tok = make_tokenizer_json(root)
+  cmd = [sys.executable, str(ROOT / "demo" / "train.py"), "--data", str(data), "--tokenizer", str(tok), "--seq-len", "32",
+         "--batch-size", "8", "--warmup", "5", "--save-every", "20", "--dtype", "F32", "--threads", "1"] + TINY
+  first = subprocess.run(cmd + ["--steps", "40", "--out", str(root / "a"), "--work", str(root / "wa")], capture_output=True, text=True)
+  assert first.returncode == 0, first.stderr[-2000:]
+  # the same run interrupted after step 20 (--stop-after leaves the resumable state), then resumed to 40
+  stop = subprocess.run(cmd + ["--steps", "40", "--stop-after", "20", "--out", str(root / "b"), "--work", str(root / "wb")],
+                        capture_output=True, text=True)
+  assert stop.returncode == 0 and not (root / "b").exists(), stop.stderr[-2000:]
+  resumed = subprocess.run(cmd + ["--steps", "40", "--resume", "--out", str(root / "b"), "--work", str(root / "wb")],
+                           capture_output=True, text=True)
+  assert resumed.returncode == 0 and "resumed" in resumed.stderr and "at step 20" in resumed.stderr, resumed.stderr[-2000:]
+  return root
+
+def test_training_lowers_the_loss(tiny_run):
+  log = json.loads((tiny_run / "a" / "train_log.json").read_text())
+  loss = log["loss_every_step"]
+  assert len(loss) == 40
+  assert np.mean(loss[-5:]) < np.mean(loss[:5]) - 0.5, (loss[:5], loss[-5:])
+  assert all(lb > 0 for lb in log["lb_every_step"]) and all(z > 0 for z in log["z_every_step"])
+
+def test_an_interrupted_and_resumed_run_equals_the_uninterrupted_one(tiny_run):
+  a, b = (json.loads((tiny_run / r / "train_log.json").read_text())["loss_every_step"] for r in ("a", "b"))
+  assert a == b
+  assert (tiny_run / "a" / "model.safetensors").read_bytes() == (tiny_run / "b" / "model.safetensors").read_bytes()
+
+def test_trained_checkpoint_runs_in_olmoe_py_as_in_transformers(tiny_run):
+  """The trainer's output folder is a transformers checkpoint (per-expert keys) that olmoe.py reads to the same
+  logits."""
+  import torch, olmoe
+  from tinygrad import Tensor
+  root = tiny_run
+  model, tok = olmoe.load(str(root / "a"), progress=False)
+  ids = tok.encode("def add(a, b): return 12 + 30")
+  ours = model(Tensor([ids])).numpy()
+  with torch.no_grad(): theirs = hf_reference(root / "a")(torch.tensor([ids])).logits.numpy()
+  assert np.abs(ours - theirs).max() < 1e-4
+  keys = json.loads((root / "a" / "hashes.json").read_text())
+  assert set(keys) == {"config.json", "model.safetensors", "tokenizer.json", "train_log.json"}
+
+
+# --------------------------------------------- the bundled checkpoints ---------------------------------------------
+
+@pytest.mark.parametrize("folder", BUNDLED, ids=lambda p: p.name)
+def test_bundled_files_match_the_recorded_hashes(folder):
+  recorded = json.loads((folder / "hashes.json").read_text())
+  assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(recorded)
+  assert set(recorded) == {p.name for p in folder.iterdir() if p.name != "hashes.json"}
+  for name, digest in recorded.items():
+    assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, name
+
+def test_bundled_files_fit_the_size_budget():
+  total = sum(p.stat().st_size for f in BUNDLED for p in f.iterdir())
+  assert total <= 25e6, total
+
+@pytest.mark.parametrize("folder", BUNDLED, ids=lambda p: p.name)
+def test_bundled_model_equals_transformers(folder):
+  """The bundled bf16 weights, upcast to fp32 on both sides, give transformers' logits."""
+  import torch, olmoe, flexolmo
+  from tinygrad import Tensor
+  load = olmoe.load if folder.name.startswith("olmoe") else flexolmo.load
+  model, tok = load(str(folder), dtype="float32", progress=False)
+  ids = tok.encode("def add(a, b):\n    return a + b\nThe value of 12 + 30 = 42")
+  ours = model(Tensor([ids])).numpy()
+  with torch.no_grad(): theirs = hf_reference(folder)(torch.tensor([ids])).logits.numpy()
+  assert np.abs(ours - theirs).max() < 1e-4
+
+@pytest.mark.parametrize("folder", BUNDLED, ids=lambda p: p.name)
+def test_bundled_model_generates_deterministically_with_a_seed(folder):
+  import olmoe, flexolmo
+  load = olmoe.load if folder.name.startswith("olmoe") else flexolmo.load
+  model, tok = load(str(folder), progress=False)
+  prompt = [tok.encode("The interpreter")]
+  run = lambda seed: [s.tokens[0] for s in olmoe.generate(model, prompt, 12, temperature=1.0, seed=seed, stop_ids=())]
+  a, b, c = run(7), run(7), run(8)
+  assert a == b and len(a) == 12
+  assert a != c                                   # sampling does depend on the seed
+
+@pytest.mark.parametrize("script,name", [("olmoe.py", "olmoe-demo"), ("flexolmo.py", "flexolmo-demo")])
+def test_command_line_runs_the_bundled_model_by_default(script, name):
+  r = subprocess.run([sys.executable, str(ROOT / script), "--prompt", "def add(a, b):", "--max-new-tokens", "6"],
+                     capture_output=True, text=True, cwd=ROOT.parent)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert f"models/{name}" in r.stderr and "--model allenai/" in r.stderr       # says what ran and how to run the real one
+  assert r.stdout.startswith("def add(a, b):") and len(r.stdout) > len("def add(a, b):\n")
+
+def test_flexolmo_demo_names_its_experts():
+  import flexolmo
+  model, _ = flexolmo.load(str(MODELS / "flexolmo-demo"), progress=False)
+  assert model.cfg.names() == ["public", "code", "math"]
+  assert model.select_experts(opt_out=["code"]) == ["public", "math"]
