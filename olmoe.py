@@ -26,7 +26,7 @@ import argparse, codecs, json, math, os, re, struct, sys, time, unicodedata
 import regex
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 import numpy as np
 from tinygrad import Tensor, TinyJit, UOp, dtypes
 from tinygrad.dtype import DType
@@ -653,22 +653,48 @@ def checkpoint_files(folder: Path) -> list[Path]:
   if (folder / "model.safetensors").exists(): return [folder / "model.safetensors"]
   raise OlmoeError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
-def read_state_dict(folder: Path) -> dict[str, Tensor]:
-  """Every tensor of the checkpoint as a lazy, disk-backed tinygrad Tensor in its stored dtype (nothing read yet)."""
-  from tinygrad.nn.state import safe_load
-  state: dict[str, Tensor] = {}
+SAFETENSORS_DTYPES = {"F32": dtypes.float32, "BF16": dtypes.bfloat16, "F16": dtypes.float16}
+
+class Stored(NamedTuple):
+  """A checkpoint tensor not read yet: its shape, its dtype and how to read it as numpy (16-bit floats as their raw
+  uint16 bits: numpy has no bfloat16). Loading reads one decoder layer at a time with plain file reads, so memory
+  holds the model's tinygrad buffers plus one layer in transit, not a mapped copy of the files."""
+  shape: tuple[int, ...]
+  dtype: DType
+  read: Callable[[], np.ndarray]
+
+def _file_reader(path: Path, offset: int, shape: tuple[int, ...], dtype: DType) -> Callable[[], np.ndarray]:
+  np_dtype = np.float32 if dtype == dtypes.float32 else np.uint16
+  return lambda: np.fromfile(path, np_dtype, count=math.prod(shape), offset=offset).reshape(shape)
+
+def read_state_dict(folder: Path) -> dict[str, Stored]:
+  """Every tensor of the checkpoint (single file or shards) as a `Stored` record: headers read, no values."""
+  state: dict[str, Stored] = {}
   for path in checkpoint_files(folder):
-    read_safetensors_header(path)
-    state.update(safe_load(str(path)))
+    header = read_safetensors_header(path)
+    start = 8 + struct.unpack("<Q", path.open("rb").read(8))[0]
+    for key, v in header.items():
+      if key == "__metadata__": continue
+      if key.endswith("rotary_emb.inv_freq"): continue                    # a buffer some old files carry
+      if v["dtype"] not in SAFETENSORS_DTYPES: raise OlmoeError(f"{path}: tensor {key} has unsupported dtype {v['dtype']}")
+      dt, shape = SAFETENSORS_DTYPES[v["dtype"]], tuple(v["shape"])
+      state[key] = Stored(shape, dt, _file_reader(path, start + v["data_offsets"][0], shape, dt))
   return state
+
+def _stack(parts: list[Stored], axis: int = 0, new_axis: bool = True) -> Stored:
+  """Stored tensors stacked (or concatenated) when read."""
+  if len({p.dtype for p in parts}) > 1: raise OlmoeError("checkpoint: experts stored in mixed dtypes")
+  join = np.stack if new_axis else np.concatenate
+  shape = (len(parts), *parts[0].shape) if new_axis else \
+          tuple(sum(p.shape[axis] for p in parts) if d == axis else n for d, n in enumerate(parts[0].shape))
+  return Stored(shape, parts[0].dtype, lambda: join([p.read() for p in parts], axis=axis))
 
 EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 
-def hf_to_ours(state: dict[str, Tensor], cfg: OlmoeConfig) -> Iterator[tuple[str, Tensor]]:
+def hf_to_ours(state: dict[str, Stored | Tensor], cfg: OlmoeConfig) -> Iterator[tuple[str, Stored | Tensor]]:
   """Map transformers' key names to ours: drop `model.`/`.weight`; stack per-expert weights (gate and up fused)."""
-  per_expert: dict[tuple[int, str], dict[int, Tensor]] = {}
+  per_expert: dict[tuple[int, str], dict[int, Stored | Tensor]] = {}
   for key, t in state.items():
-    if key.endswith("rotary_emb.inv_freq"): continue                      # a buffer some old files carry
     if (m := EXPERT_KEY.fullmatch(key)):
       per_expert.setdefault((int(m[1]), m[3]), {})[int(m[2])] = t
     else:
@@ -679,11 +705,20 @@ def hf_to_ours(state: dict[str, Tensor], cfg: OlmoeConfig) -> Iterator[tuple[str
       got = per_expert.get((l, part), {})
       if sorted(got) != list(range(cfg.num_experts)):
         raise OlmoeError(f"checkpoint: layer {l} has {part} for {len(got)} experts, config says {cfg.num_experts}")
-      parts[part] = Tensor.stack(*[got[e].to(None) for e in range(cfg.num_experts)])   # (E, out, in)
-    yield f"layers.{l}.mlp.experts.gate_up_proj", parts["gate_proj"].cat(parts["up_proj"], dim=1)  # (E, 2I, D)
-    yield f"layers.{l}.mlp.experts.down_proj", parts["down_proj"]                                     # (E, D, I)
+      ws = [got[e] for e in range(cfg.num_experts)]
+      parts[part] = Tensor.stack(*ws) if isinstance(ws[0], Tensor) else _stack(ws)              # (E, out, in)
+    gu = [parts["gate_proj"], parts["up_proj"]]
+    yield (f"layers.{l}.mlp.experts.gate_up_proj",                                              # (E, 2I, D)
+           gu[0].cat(gu[1], dim=1) if isinstance(gu[0], Tensor) else _stack(gu, axis=1, new_axis=False))
+    yield f"layers.{l}.mlp.experts.down_proj", parts["down_proj"]                               # (E, D, I)
 
-def load_weights(model: Olmoe, state: dict[str, Tensor], dtype: DType | None = None, progress: bool = True) -> None:
+def to_tensor(t: Stored | Tensor) -> Tensor:
+  """A Stored record read into a tinygrad Tensor in its stored dtype (16-bit floats bitcast from their bits)."""
+  if isinstance(t, Tensor): return t
+  a = t.read()
+  return Tensor(a) if t.dtype == dtypes.float32 else Tensor(a).bitcast(t.dtype)
+
+def load_weights(model: Olmoe, state: dict[str, Stored | Tensor], dtype: DType | None = None, progress: bool = True) -> None:
   """Assign every checkpoint tensor to the model, checking names and shapes; read layer by layer from disk."""
   ours = model.parameters()
   got = dict(hf_to_ours(state, model.cfg))
@@ -692,8 +727,8 @@ def load_weights(model: Olmoe, state: dict[str, Tensor], dtype: DType | None = N
   if unknown: raise OlmoeError(f"checkpoint: unexpected tensor {unknown[0]!r} (and {len(unknown) - 1} more)")
   if missing: raise OlmoeError(f"checkpoint: missing tensor {missing[0]!r} (and {len(missing) - 1} more)")
   for name, t in got.items():
-    if t.shape != ours[name].shape:
-      raise OlmoeError(f"checkpoint: {name} has shape {t.shape}, config implies {ours[name].shape}")
+    if tuple(t.shape) != tuple(ours[name].shape):
+      raise OlmoeError(f"checkpoint: {name} has shape {tuple(t.shape)}, config implies {tuple(ours[name].shape)}")
   dtype = dtype or got["embed_tokens"].dtype
   if dtype not in (dtypes.float32, dtypes.bfloat16, dtypes.float16):
     raise OlmoeError(f"unsupported weight dtype {dtype}")
@@ -701,7 +736,8 @@ def load_weights(model: Olmoe, state: dict[str, Tensor], dtype: DType | None = N
   for name in got: groups.setdefault(".".join(name.split(".")[:2]) if name.startswith("layers.") else name, []).append(name)
   for g in tqdm(list(groups), desc="loading", disable=not progress):
     for name in groups[g]:
-      _set(model, name, got[name].to(None).cast(dtype).contiguous().realize())
+      t = to_tensor(got[name])
+      _set(model, name, (t if t.dtype == dtype else t.cast(dtype)).contiguous().realize())
   if model.cfg.tie_word_embeddings: model.lm_head = model.embed_tokens
 
 def _set(model: Olmoe, name: str, t: Tensor) -> None:
