@@ -116,3 +116,17 @@ def test_flexolmo_demo_names_its_experts():
   model, _ = flexolmo.load(str(MODELS / "flexolmo-demo"), progress=False)
   assert model.cfg.names() == ["public", "code", "math"]
   assert model.select_experts(opt_out=["code"]) == ["public", "math"]
+
+def test_flexolmo_results_support_what_the_docs_say():
+  """docs/flexolmo.md describes demo/RESULTS.md: each expert beats the public model on its own domain, the merged
+  model beats the public model on both owners' domains but not the specialists, and opt-out equals the 2-expert
+  model of the other owner."""
+  ce = json.loads((ROOT / "demo" / "flexolmo_results.json").read_text())["cross_entropy"]
+  pub, merged = ce["public only"], ce["merged (all experts)"]
+  for owner, other in (("code", "math"), ("math", "code")):
+    assert ce[f"public + {owner}"][owner] < pub[owner] - 0.5
+    assert ce[f"public + {owner}"][owner] < merged[owner] < pub[owner]
+    for d in ("prose", "code", "math"):
+      assert ce[f"merged, {other} opted out"][d] == pytest.approx(ce[f"public + {owner}"][d], abs=2e-3)
+  assert merged["prose"] > pub["prose"]
+  assert (ROOT / "demo" / "RESULTS.md").read_text().count("|") > 20
