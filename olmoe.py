@@ -116,9 +116,10 @@ def take(w: Tensor, i: Tensor) -> Tensor:
   return w.bitcast(dtypes.uint16)[i].bitcast(w.dtype)
 
 def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
-  """OLMoE/Llama RMSNorm: normalise in fp32, cast back to x's dtype, then scale (in x's dtype)."""
+  """OLMoE/Llama RMSNorm: normalise in fp32, cast back to x's dtype, then scale (in x's dtype). The result is
+  materialised: left fused, the compiler recomputes the normalisation inside every matmul that reads it."""
   xf = x.float()
-  return w * (xf * (xf.square().mean(-1, keepdim=True) + eps).rsqrt()).cast(x.dtype)
+  return (w * (xf * (xf.square().mean(-1, keepdim=True) + eps).rsqrt()).cast(x.dtype)).contiguous()
 
 def rope_inv_freq(cfg: OlmoeConfig, seq_len: int | UOp | None = None) -> Tensor:
   """(hd/2,) inverse frequencies 1/theta^(2j/hd), with linear or dynamic-NTK scaling as transformers applies it."""
@@ -245,16 +246,17 @@ class SparseMoeBlock:
 def expert_ffn(h: Tensor, i: Tensor, gate_up: Tensor, down: Tensor, I: int) -> Tensor:
   """Run each token through its k chosen experts: h (N, D), i (N, k) -> (N, k, D), weights gathered by id.
 
-  Two details keep the gathered matmuls memory-bound rather than compute-bound (bench/README.md): the ids are
+  Three details keep the gathered matmuls memory-bound rather than compute-bound (bench/README.md): the ids are
   clipped to [0, E), which they already are, so that tinygrad's compiler knows every gathered load is in bounds and
-  emits plain vector loads; and the SwiGLU activation is materialised once, so that the down projection reads it
-  instead of recomputing silu for each of its D output rows."""
+  emits plain vector loads; the SwiGLU activation is materialised once, so that the down projection reads it
+  instead of recomputing silu for each of its D output rows; and so is the output, so that the weighted sum over
+  the k slots does not become the down projection's reduction loop."""
   N, D = h.shape
   i = i.clip(0, gate_up.shape[0] - 1)                                        # (N, k) a no-op that drops bounds checks
   wgu, wd = take(gate_up, i), take(down, i)                                  # (N, k, 2I, D), (N, k, D, I)
   gu = h.float().reshape(N, 1, 1, D).matmul(wgu.float().transpose(-1, -2)).cast(h.dtype)  # (N, k, 1, 2I)
   a = (gu[..., :I].silu() * gu[..., I:]).contiguous()                        # (N, k, 1, I) SwiGLU
-  return a.float().matmul(wd.float().transpose(-1, -2)).cast(h.dtype).reshape(N, -1, D)  # (N, k, D)
+  return a.float().matmul(wd.float().transpose(-1, -2)).cast(h.dtype).reshape(N, -1, D).contiguous()  # (N, k, D)
 
 
 # ================================================ decoder ================================================
