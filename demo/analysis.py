@@ -128,7 +128,7 @@ def plot_load_histogram(loads: np.ndarray, k: int, path: Path, title: str = "") 
     ax.set_xticks(range(0, E, max(1, E // 8)))
   axes[0, 0].set_ylabel("share of tokens")
   axes[0, 0].legend(fontsize=7, loc="upper left")
-  if title: fig.suptitle(title, fontsize=10)
+  if title: fig.suptitle(title, fontsize=10, y=1.04)          # above the panels' own titles
   return _save(fig, path)
 
 def plot_coactivation(coact: np.ndarray, path: Path, title: str = "") -> Path:
