@@ -137,8 +137,8 @@ def read_raw(folder: Path) -> dict[str, Raw]:
   """Every tensor of a checkpoint (sharded or not) as its stored bytes, keyed by transformers' names."""
   out: dict[str, Raw] = {}
   for path in olmoe.checkpoint_files(folder):
-    header, blob = olmoe.read_safetensors_header(path), path.read_bytes()
-    data = blob[8 + struct.unpack("<Q", blob[:8])[0]:]
+    (header, start), blob = olmoe.read_safetensors_header(path), path.read_bytes()
+    data = blob[start:]
     for k, v in header.items():
       if k != "__metadata__": out[k] = (v["dtype"], v["shape"], data[v["data_offsets"][0]:v["data_offsets"][1]])
   return out

@@ -631,8 +631,9 @@ class Tokenizer:
 
 # =========================================== checkpoint loading ===========================================
 
-def read_safetensors_header(path: Path) -> dict:
-  """The JSON header of a .safetensors file, checked against the file's size (catches truncated downloads)."""
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+  """The JSON header of a .safetensors file, checked against the file's size (catches truncated downloads), and the
+  byte offset where the tensor data starts (the header's `data_offsets` count from there)."""
   try:
     with open(path, "rb") as f:
       (n,) = struct.unpack("<Q", f.read(8))
@@ -642,7 +643,7 @@ def read_safetensors_header(path: Path) -> dict:
   end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
   if 8 + n + end > path.stat().st_size:
     raise OlmoeError(f"{path}: truncated ({path.stat().st_size} bytes, the header promises {8 + n + end})")
-  return header
+  return header, 8 + n
 
 def checkpoint_files(folder: Path) -> list[Path]:
   """model.safetensors, or the shards named by model.safetensors.index.json."""
@@ -673,8 +674,7 @@ def read_state_dict(folder: Path) -> dict[str, Stored]:
   """Every tensor of the checkpoint (single file or shards) as a `Stored` record: headers read, no values."""
   state: dict[str, Stored] = {}
   for path in checkpoint_files(folder):
-    header = read_safetensors_header(path)
-    start = 8 + struct.unpack("<Q", path.open("rb").read(8))[0]
+    header, start = read_safetensors_header(path)
     for key, v in header.items():
       if key == "__metadata__": continue
       if key.endswith("rotary_emb.inv_freq"): continue                    # a buffer some old files carry

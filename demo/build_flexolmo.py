@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "demo")]
 import olmoe, flexolmo           # noqa: E402
 import data as D                 # noqa: E402
+import train                     # noqa: E402
 
 PUBLIC_DOMAIN, OWNERS = "prose", ("code", "math")
 # the public model: the OLMoE demo's attention sizes, a dense FFN of width 256 (each expert is a copy of it)
@@ -38,12 +39,6 @@ PUBLIC_ARCH = ["hidden_size=128", "intermediate_size=256", "num_hidden_layers=4"
 def run(cmd: list[str]) -> None:
   print("+ " + " ".join(cmd), flush=True)
   subprocess.run(cmd, cwd=ROOT, check=True)
-
-def domain_windows(data: Path, tok, domain: str, T: int = 128, n: int = 16) -> np.ndarray:
-  """n evenly spaced (T + 1)-token windows of a domain's validation split (the same as demo/train.py evaluates)."""
-  s = np.array(tok.encode(D.read_domain(data, domain, "valid")), dtype=np.int32)
-  starts = np.linspace(0, len(s) - T - 1, n).astype(np.int64)
-  return np.stack([s[o:o + T + 1] for o in starts])
 
 def cross_entropy(model, windows: np.ndarray, batch: int = 8) -> float:
   """Mean next-token cross-entropy (nats) of a tinygrad model on (n, T + 1) windows."""
@@ -57,7 +52,7 @@ def cross_entropy(model, windows: np.ndarray, batch: int = 8) -> float:
 def evaluate(build: Path, merged: Path, data: Path) -> dict:
   """Cross-entropy per domain of every variant (rows) on every domain (columns)."""
   tok = olmoe.Tokenizer.from_file(merged / "tokenizer.json")
-  windows = {d: domain_windows(data, tok, d) for d in D.DOMAINS}
+  windows = train.eval_windows(train.tokenize_domains(data, tok, list(D.DOMAINS), "valid"), 128, 16)   # as train.py evaluates
   variants = [("public only", merged, ["public"], None)]
   variants += [(f"public + {o}", build / o, None, None) for o in OWNERS]
   variants += [("merged (all experts)", merged, None, None)]
@@ -118,7 +113,6 @@ def main(argv=None) -> int:
   tmp = a.out.parent / f".{a.out.name}.partial"     # the bundled copy, with hashes of its files
   shutil.rmtree(tmp, ignore_errors=True)
   shutil.copytree(merged, tmp)
-  import train
   train.write_hashes(tmp)
   shutil.rmtree(a.out, ignore_errors=True)
   tmp.rename(a.out)

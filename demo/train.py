@@ -64,16 +64,17 @@ def losses(model, x, arch: str):
   OLMoE the load-balancing loss E * sum_e f_e P_e (transformers' form: k at uniform load) and the router z-loss
   mean(logsumexp(z)^2), as olmoe.load_balancing_loss and olmoe.router_z_loss compute them."""
   import torch
-  inp, tgt = x[:, :-1], x[:, 1:]
-  if arch != "olmoe":
-    logits = model(input_ids=inp).logits
-    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten())
-    zero = ce.new_zeros(())
-    return ce, ce, zero, zero
-  out = model(input_ids=inp, output_router_logits=True)
-  ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), tgt.flatten())
+  moe = arch == "olmoe"
+  out = model(input_ids=x[:, :-1], **({"output_router_logits": True} if moe else {}))
+  ce = next_token_ce(out.logits, x)
+  if not moe: return ce, ce, ce.new_zeros(()), ce.new_zeros(())
   z = torch.cat([r.float().logsumexp(-1) for r in out.router_logits]).square().mean()
   return ce + ALPHA * out.aux_loss + BETA * z, ce, out.aux_loss, z
+
+def next_token_ce(logits, x):
+  """Mean cross-entropy of logits (B, T, V) for x[:, :-1] against the next tokens x[:, 1:]."""
+  import torch
+  return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
 
 
 # ================================================= the data =================================================
@@ -200,8 +201,8 @@ def evaluate(model, windows: dict[str, np.ndarray], batch_size: int = 16) -> dic
   with torch.no_grad():
     for d, w in windows.items():
       x = torch.from_numpy(w.astype(np.int64))
-      tot = sum(losses(model, x[b:b + batch_size], "dense")[1].item() * len(x[b:b + batch_size])
-                for b in range(0, len(x), batch_size))
+      tot = sum(next_token_ce(model(input_ids=xb[:, :-1]).logits, xb).item() * len(xb)
+                for xb in x.split(batch_size))
       out[d] = tot / len(w)
   return out
 

@@ -19,7 +19,8 @@ TINY = ["--set", "hidden_size=32", "--set", "intermediate_size=16", "--set", "nu
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-  """demo/train.py for 40 steps of a tiny OLMoE on three made-up domains, then resumed to 60 in a second process."""
+  """demo/train.py for 40 steps of a tiny OLMoE on three made-up domains (run a), and the same run stopped after
+  step 20 and resumed to 40 in a second process (run b)."""
   root = tmp_path_factory.mktemp("train")
   data = root / "data"; data.mkdir()
   for i, d in enumerate(("prose", "code", "math")):
