@@ -262,12 +262,12 @@ def expert_ffn(h: Tensor, i: Tensor, gate_up: Tensor, down: Tensor, I: int) -> T
 
   Details that keep the gathered products memory-bound (bench/README.md): the ids are clipped to [0, E), which
   they already are, so that tinygrad's compiler knows every gathered load is in bounds and emits plain vector
-  loads; the gate/up product is one matrix-vector product over the k*2I gathered rows; the SwiGLU activation is
+  loads (materialised first, so that the clip lands in the gathering kernel and not in the router's); the gate/up product is one matrix-vector product over the k*2I gathered rows; the SwiGLU activation is
   materialised once, so that the down projection reads it instead of recomputing silu for each of its D output
   rows; and so is the output, so that the weighted sum over the k slots does not become the down projection's
   reduction loop."""
   (N, D), k = h.shape, i.shape[1]
-  i = i.clip(0, gate_up.shape[0] - 1)                                        # (N, k) a no-op that drops bounds checks
+  i = i.contiguous().clip(0, gate_up.shape[0] - 1)                          # (N, k) a no-op that drops bounds checks
   wgu, wd = take(gate_up, i), take(down, i)                                  # (N, k, 2I, D), (N, k, D, I)
   gu = dot(h.reshape(N, 1, D), wgu.reshape(N, k * 2 * I, D)).cast(h.dtype).reshape(N, k, 2 * I)  # (N, k, 2I)
   a = (gu[..., :I].silu() * gu[..., I:]).contiguous()                        # (N, k, I) SwiGLU
