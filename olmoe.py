@@ -313,6 +313,7 @@ class Olmoe:
     self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else Tensor.normal(cfg.vocab_size, cfg.hidden_size, std=0.02)
     self.expert_mask: Tensor | None = None          # (E,) bool: experts allowed to take a slot (None = all)
     self.top_k = cfg.num_experts_per_tok            # k used by the router (FlexOlmo caps it at the enabled experts)
+    self._prefills: dict = {}                       # TinyJit'd prefills, one per (batch size, padded length, masked?, k)
     self._decoders: dict = {}                       # TinyJit'd decode steps, one per (batch size, masked?, k)
     self._caches: dict[int, list[Tensor]] = {}      # KV caches, one set per batch size
 
@@ -419,6 +420,8 @@ def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.
   return np.array(out)
 
 
+PREFILL_MULTIPLE = 16   # prompts are left-padded to a multiple of this many positions (one compiled prefill each)
+
 class Step(NamedTuple):
   """One generated position for every row of the batch; routing arrays are (L, B, k) when asked for."""
   tokens: list[int]
@@ -431,14 +434,18 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
              with_routing: bool = False) -> Iterator[Step]:
   """Yield one `Step` per new position for a batch of prompts (token-id lists, left-padded here).
 
-  The whole prompt goes through the model in one prefill call; each later token is one `TinyJit`-compiled decode
-  step at a symbolic position. Routing stays on the device; only the last-position logits come back to sample.
-  A row that produced a stop id (default: the config's EOS) keeps yielding the pad id until every row stopped."""
+  The whole prompt goes through the model in one prefill call, `TinyJit`-compiled once per padded prompt length;
+  each later token is one compiled decode step at a symbolic position. Routing stays on the device; only the
+  last-position logits come back to sample. A row that produced a stop id (default: the config's EOS) keeps yielding the pad id until every row stopped."""
   cfg = model.cfg
   if not prompts or any(len(p) == 0 for p in prompts): raise OlmoeError("empty prompt")
   if max_new_tokens <= 0: raise OlmoeError(f"max_new_tokens must be positive, got {max_new_tokens}")
   P, B, S_max = max(map(len, prompts)), len(prompts), cfg.context_length
   if P > S_max - 1: raise OlmoeError(f"prompt of {P} tokens is longer than the model's context ({S_max} positions)")
+  # left-pad to a multiple of PREFILL_MULTIPLE, so that one compiled prefill serves a range of prompt lengths (not
+  # where that would shorten the generation, nor with dynamic RoPE, whose frequencies depend on the length)
+  dynamic = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type")) == "dynamic"
+  if not dynamic and (Pp := -(-P // PREFILL_MULTIPLE) * PREFILL_MULTIPLE) + min(max_new_tokens, S_max - P) <= S_max: P = Pp
   stop = set(cfg.eos_ids if stop_ids is None else stop_ids)
   rng = np.random.default_rng(seed)
   pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
@@ -451,10 +458,8 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
                                         .contiguous().realize() for _ in model.layers])   # L x (2, B, nkv, S_max, hd)
   for layer, cache in zip(model.layers, caches): layer.self_attn.cache_kv = cache
   try:
-    # prefill: all P prompt positions in one call (stale cache entries past them are never attended to)
-    positions = Tensor.arange(P).reshape(1, P) - offset                                     # (B, P)
-    mask = attention_mask_3d(P, P, 0, key_ok[:, :P])                                        # (B, P, P)
-    logits, routing = model.forward(ids, positions, mask, 0, last_only=True)
+    prefill = model._prefills.setdefault((B, P, model.expert_mask is None, model.top_k), TinyJit(_prefill))
+    logits, routing = prefill(model, ids, key_ok, offset, model.expert_mask)
     decode = model._decoders.setdefault((B, model.expert_mask is None, model.top_k), TinyJit(_decode_step))
     v_pos = UOp.variable("start_pos", 1, S_max - 1)
     done = [False] * B
@@ -470,12 +475,21 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
   finally:
     for layer in model.layers: layer.self_attn.cache_kv = None
 
+def _prefill(model: Olmoe, ids: Tensor, key_ok: Tensor, offset: Tensor, expert_mask: Tensor | None):
+  """All P prompt positions of ids (B, P) in one call (stale cache entries past them are never attended to)."""
+  P = ids.shape[1]
+  positions = Tensor.arange(P).reshape(1, P) - offset                                      # (B, P)
+  mask = attention_mask_3d(P, P, 0, key_ok[:, :P])                                         # (B, P, P)
+  return _realized(*model.forward(ids, positions, mask, 0, last_only=True, expert_mask=expert_mask))
+
 def _decode_step(model: Olmoe, tok: Tensor, start_pos: UOp, key_ok: Tensor, offset: Tensor, expert_mask: Tensor | None):
   """One new token per row at position start_pos (symbolic, so one compiled graph serves every position). Tensors
   that change between calls (the expert mask too) are arguments, so the compiled graph reads their new values."""
   positions = (Tensor.arange(1) + start_pos).reshape(1, 1) - offset                        # (B, 1)
   mask = attention_mask_3d(1, start_pos + 1, start_pos, key_ok[:, :start_pos + 1])          # (B, 1, S)
-  logits, r = model.forward(tok, positions, mask, start_pos, last_only=True, expert_mask=expert_mask)
+  return _realized(*model.forward(tok, positions, mask, start_pos, last_only=True, expert_mask=expert_mask))
+
+def _realized(logits: Tensor, r: Routing) -> tuple[Tensor, Routing]:
   return logits.realize(), Routing([], [w.realize() for w in r.weights], [i.realize() for i in r.experts])
 
 def _last(logits: Tensor, routing: Routing, with_routing: bool):

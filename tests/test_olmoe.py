@@ -73,6 +73,16 @@ def test_greedy_generation_matches_transformers_generate(tmp_path):
   # the compiled decode step and its KV cache are reused by later calls: a second call gives the same tokens
   again = [s.tokens for s in olmoe.generate(model, prompts, max_new_tokens=24, stop_ids=())]
   assert again == ours
+  # prompts are padded to a multiple of 16 positions, so the third call replays the compiled prefill: prompts of
+  # other lengths in that range give transformers' tokens as well
+  shorter = [prompts[0][:5], prompts[1][1:]]
+  with torch.no_grad():
+    theirs2 = ref.generate(torch.tensor([shorter[0], [1] * 3 + shorter[1]]), max_new_tokens=24, do_sample=False,
+                           attention_mask=torch.tensor([[1] * 5, [0] * 3 + [1] * 2]), eos_token_id=None,
+                           pad_token_id=1)[:, 5:].tolist()
+  ours2 = [s.tokens for s in olmoe.generate(model, shorter, max_new_tokens=24, stop_ids=())]
+  assert [list(r) for r in zip(*ours2)] == theirs2
+  assert list(model._prefills) == [(2, 16, True, model.top_k), (1, 16, True, model.top_k)]
 
 
 def test_dynamic_rope_generates_past_the_trained_length_like_transformers(tmp_path):
