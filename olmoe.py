@@ -689,16 +689,23 @@ def checkpoint_files(folder: Path) -> list[Path]:
 SAFETENSORS_DTYPES = {"F32": dtypes.float32, "BF16": dtypes.bfloat16, "F16": dtypes.float16}
 
 class Stored(NamedTuple):
-  """A checkpoint tensor not read yet: its shape, its dtype and how to read it as numpy (16-bit floats as their raw
-  uint16 bits: numpy has no bfloat16). Loading reads one decoder layer at a time with plain file reads, so memory
-  holds the model's tinygrad buffers plus one layer in transit, not a mapped copy of the files."""
+  """A checkpoint tensor not read yet: its shape, its dtype, and `read_into(out)`, which fills a numpy array of that
+  shape (16-bit floats as their raw uint16 bits: numpy has no bfloat16). Loading reads each tensor from the file
+  straight into its tinygrad buffer, one decoder layer at a time: no mapped copy of the files, no copy in transit."""
   shape: tuple[int, ...]
   dtype: DType
-  read: Callable[[], np.ndarray]
+  read_into: Callable[[np.ndarray], None]
 
-def _file_reader(path: Path, offset: int, shape: tuple[int, ...], dtype: DType) -> Callable[[], np.ndarray]:
-  np_dtype = np.float32 if dtype == dtypes.float32 else np.uint16
-  return lambda: np.fromfile(path, np_dtype, count=math.prod(shape), offset=offset).reshape(shape)
+def _np_dtype(dtype: DType) -> type: return np.float32 if dtype == dtypes.float32 else np.uint16
+
+def _file_reader(path: Path, offset: int) -> Callable[[np.ndarray], None]:
+  def read_into(out: np.ndarray) -> None:
+    buf = out if out.flags.c_contiguous else np.empty_like(out)
+    with open(path, "rb") as f:
+      f.seek(offset)
+      if f.readinto(memoryview(buf).cast("B")) != buf.nbytes: raise OlmoeError(f"{path}: file ends inside a tensor")
+    if buf is not out: out[...] = buf
+  return read_into
 
 def read_state_dict(folder: Path) -> dict[str, Stored]:
   """Every tensor of the checkpoint (single file or shards) as a `Stored` record: headers read, no values."""
@@ -709,17 +716,19 @@ def read_state_dict(folder: Path) -> dict[str, Stored]:
       if key == "__metadata__": continue
       if key.endswith("rotary_emb.inv_freq"): continue                    # a buffer some old files carry
       if v["dtype"] not in SAFETENSORS_DTYPES: raise OlmoeError(f"{path}: tensor {key} has unsupported dtype {v['dtype']}")
-      dt, shape = SAFETENSORS_DTYPES[v["dtype"]], tuple(v["shape"])
-      state[key] = Stored(shape, dt, _file_reader(path, start + v["data_offsets"][0], shape, dt))
+      state[key] = Stored(tuple(v["shape"]), SAFETENSORS_DTYPES[v["dtype"]], _file_reader(path, start + v["data_offsets"][0]))
   return state
 
 def _stack(parts: list[Stored], axis: int = 0, new_axis: bool = True) -> Stored:
-  """Stored tensors stacked (or concatenated) when read."""
+  """Stored tensors stacked (or concatenated along `axis`), each part read into its slice of the output."""
   if len({p.dtype for p in parts}) > 1: raise OlmoeError("checkpoint: experts stored in mixed dtypes")
-  join = np.stack if new_axis else np.concatenate
+  sizes = [1 if new_axis else p.shape[axis] for p in parts]
   shape = (len(parts), *parts[0].shape) if new_axis else \
-          tuple(sum(p.shape[axis] for p in parts) if d == axis else n for d, n in enumerate(parts[0].shape))
-  return Stored(shape, parts[0].dtype, lambda: join([p.read() for p in parts], axis=axis))
+          tuple(sum(sizes) if d == axis else n for d, n in enumerate(parts[0].shape))
+  def read_into(out: np.ndarray) -> None:
+    for p, at in zip(parts, np.cumsum([0] + sizes)):
+      p.read_into(out[(slice(None),) * axis + ((at,) if new_axis else (slice(at, at + p.shape[axis]),))])
+  return Stored(shape, parts[0].dtype, read_into)
 
 EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 
@@ -745,9 +754,15 @@ def hf_to_ours(state: dict[str, Stored | Tensor], cfg: OlmoeConfig) -> Iterator[
     yield f"layers.{l}.mlp.experts.down_proj", parts["down_proj"]                               # (E, D, I)
 
 def to_tensor(t: Stored | Tensor) -> Tensor:
-  """A Stored record read into a tinygrad Tensor in its stored dtype (16-bit floats bitcast from their bits)."""
+  """A Stored record read into a new tinygrad buffer in its stored dtype. On the CPU the file's bytes are read
+  into the buffer's own memory; other devices get a host array copied over."""
   if isinstance(t, Tensor): return t
-  a = t.read()
+  out = Tensor.empty(*t.shape, dtype=t.dtype).realize()
+  buf = out.uop.buffer.ensure_allocated()
+  if hasattr(buf.allocator, "_as_buffer"):
+    t.read_into(np.frombuffer(buf.as_memoryview(force_zero_copy=True), _np_dtype(t.dtype)).reshape(t.shape))
+    return out
+  t.read_into(a := np.empty(t.shape, _np_dtype(t.dtype)))
   return Tensor(a) if t.dtype == dtypes.float32 else Tensor(a).bitcast(t.dtype)
 
 def load_weights(model: Olmoe, state: dict[str, Stored | Tensor], dtype: DType | None = None, progress: bool = True) -> None:
