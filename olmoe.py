@@ -327,6 +327,8 @@ class Olmoe:
     if expert_mask is None: expert_mask = self.expert_mask
     h = take(self.embed_tokens, ids)                                               # (B, T, D)
     cos, sin = rope_tables(positions, rope_inv_freq(self.cfg, start_pos + ids.shape[1]))   # (B, 1, T, hd) each
+    # computed once here, not again inside every layer's kernels that read them
+    cos, sin, mask = cos.contiguous(), sin.contiguous(), mask.contiguous()
     routing = Routing([], [], [])
     for layer in self.layers:
       h, (z, g, i) = layer(h, cos, sin, mask, start_pos, expert_mask, self.top_k)  # (B, T, D)
