@@ -92,7 +92,8 @@ class FlexDecoderLayer:
 
   def __call__(self, h, cos, sin, mask, start_pos=0, expert_mask=None, k=None):
     eps = self.cfg.rms_norm_eps
-    h = (h + rms_norm_olmo2(self.self_attn(h, cos, sin, mask, start_pos), self.post_attention_layernorm, eps)).contiguous()
+    a = rms_norm_olmo2(self.self_attn(h, cos, sin, mask, start_pos), self.post_attention_layernorm, eps)    # (B, T, D)
+    h = (h + a).contiguous()                                                # (B, T, D) materialised
     m, routing = self.mlp(h, expert_mask, k)                                                               # (B, T, D)
     return (h + rms_norm_olmo2(m, self.post_feedforward_layernorm, eps)).contiguous(), routing  # (B, T, D) materialised
 

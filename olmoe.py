@@ -262,10 +262,10 @@ def expert_ffn(h: Tensor, i: Tensor, gate_up: Tensor, down: Tensor, I: int) -> T
 
   Details that keep the gathered products memory-bound (bench/README.md): the ids are clipped to [0, E), which
   they already are, so that tinygrad's compiler knows every gathered load is in bounds and emits plain vector
-  loads (materialised first, so that the clip lands in the gathering kernel and not in the router's); the gate/up product is one matrix-vector product over the k*2I gathered rows; the SwiGLU activation is
-  materialised once, so that the down projection reads it instead of recomputing silu for each of its D output
-  rows; and so is the output, so that the weighted sum over the k slots does not become the down projection's
-  reduction loop."""
+  loads (they are materialised first, so that the clip lands in the gathering kernel and not in the router's);
+  gate/up is one matrix-vector product over the k*2I gathered rows; the SwiGLU activation is materialised once,
+  so that the down projection reads it instead of recomputing silu for each of its D output rows; and so is the
+  output, so that the weighted sum over the k slots does not become the down projection's reduction loop."""
   (N, D), k = h.shape, i.shape[1]
   i = i.contiguous().clip(0, gate_up.shape[0] - 1)                          # (N, k) a no-op that drops bounds checks
   wgu, wd = take(gate_up, i), take(down, i)                                  # (N, k, 2I, D), (N, k, D, I)
@@ -288,9 +288,9 @@ class DecoderLayer:
 
   def __call__(self, h, cos, sin, mask, start_pos=0, expert_mask=None, k=None):
     eps = self.cfg.rms_norm_eps
-    h = (h + self.self_attn(rms_norm(h, self.input_layernorm, eps), cos, sin, mask, start_pos)).contiguous()  # (B, T, D)
+    h = (h + self.self_attn(rms_norm(h, self.input_layernorm, eps), cos, sin, mask, start_pos)).contiguous()  # (B,T,D)
     m, routing = self.mlp(rms_norm(h, self.post_attention_layernorm, eps), expert_mask, k)
-    return (h + m).contiguous(), routing                                                                      # (B, T, D)
+    return (h + m).contiguous(), routing                                                               # (B, T, D)
 
 
 class Routing(NamedTuple):
@@ -313,7 +313,7 @@ class Olmoe:
     self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else Tensor.normal(cfg.vocab_size, cfg.hidden_size, std=0.02)
     self.expert_mask: Tensor | None = None          # (E,) bool: experts allowed to take a slot (None = all)
     self.top_k = cfg.num_experts_per_tok            # k used by the router (FlexOlmo caps it at the enabled experts)
-    self._prefills: dict = {}                       # TinyJit'd prefills, one per (batch size, padded length, masked?, k)
+    self._prefills: dict = {}                       # TinyJit'd prefills, per (batch size, padded length, masked?, k)
     self._decoders: dict = {}                       # TinyJit'd decode steps, one per (batch size, masked?, k)
     self._caches: dict[int, list[Tensor]] = {}      # KV caches, one set per batch size
 
@@ -438,7 +438,8 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
 
   The whole prompt goes through the model in one prefill call, `TinyJit`-compiled once per padded prompt length;
   each later token is one compiled decode step at a symbolic position. Routing stays on the device; only the
-  last-position logits come back to sample. A row that produced a stop id (default: the config's EOS) keeps yielding the pad id until every row stopped."""
+  last-position logits come back to sample. A row that produced a stop id (default: the config's EOS) keeps
+  yielding the pad id until every row stopped."""
   cfg = model.cfg
   if not prompts or any(len(p) == 0 for p in prompts): raise OlmoeError("empty prompt")
   if max_new_tokens <= 0: raise OlmoeError(f"max_new_tokens must be positive, got {max_new_tokens}")
@@ -447,7 +448,8 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
   # left-pad to a multiple of PREFILL_MULTIPLE, so that one compiled prefill serves a range of prompt lengths (not
   # where that would shorten the generation, nor with dynamic RoPE, whose frequencies depend on the length)
   dynamic = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type")) == "dynamic"
-  if not dynamic and (Pp := -(-P // PREFILL_MULTIPLE) * PREFILL_MULTIPLE) + min(max_new_tokens, S_max - P) <= S_max: P = Pp
+  Pp = -(-P // PREFILL_MULTIPLE) * PREFILL_MULTIPLE
+  if not dynamic and Pp + min(max_new_tokens, S_max - P) <= S_max: P = Pp
   stop = set(cfg.eos_ids if stop_ids is None else stop_ids)
   rng = np.random.default_rng(seed)
   pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
