@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 import numpy as np
-from tinygrad import Tensor, TinyJit, UOp, dtypes
+from tinygrad import Device, Tensor, TinyJit, UOp, dtypes
 from tinygrad.dtype import DType
 from tinygrad.helpers import tqdm
 
@@ -68,11 +68,15 @@ class OlmoeConfig:
   @property
   def n_kv_heads(self) -> int: return self.num_key_value_heads or self.num_attention_heads
   @property
+  def rope_kind(self) -> str | None:
+    """The RoPE scaling type ("linear", "dynamic"; transformers 4.x calls the key `type`), None without scaling."""
+    s = self.rope_scaling or {}
+    return s.get("rope_type", s.get("type"))
+  @property
   def context_length(self) -> int:
     """Positions the KV cache holds: dynamic NTK scaling stretches the trained length by its factor."""
-    s = self.rope_scaling or {}
-    dynamic = s.get("rope_type", s.get("type")) == "dynamic"
-    return int(self.max_position_embeddings * float(s["factor"])) if dynamic else self.max_position_embeddings
+    if self.rope_kind != "dynamic": return self.max_position_embeddings
+    return int(self.max_position_embeddings * float(self.rope_scaling["factor"]))
   @property
   def eos_ids(self) -> tuple[int, ...]:
     e = self.eos_token_id
@@ -92,10 +96,8 @@ class OlmoeConfig:
     if d.get("attention_bias"): raise OlmoeError("unsupported: attention_bias=true")
     nullable = {"num_key_value_heads", "clip_qkv", "rope_scaling", "eos_token_id", "pad_token_id", "bos_token_id"}
     cfg = cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d and (d[f.name] is not None or f.name in nullable)})
-    if cfg.rope_scaling is not None:
-      kind = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type"))
-      if kind not in ("linear", "dynamic"):
-        raise OlmoeError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, dynamic)")
+    if cfg.rope_scaling is not None and cfg.rope_kind not in ("linear", "dynamic"):
+      raise OlmoeError(f"unsupported rope_scaling type {cfg.rope_kind!r} (supported: default, linear, dynamic)")
     if cfg.hidden_size % cfg.num_attention_heads or cfg.num_attention_heads % cfg.n_kv_heads:
       raise OlmoeError("config: hidden_size must divide into heads, and heads into key/value heads")
     if not 0 < cfg.num_experts_per_tok <= cfg.num_experts:
@@ -139,7 +141,7 @@ def rope_inv_freq(cfg: OlmoeConfig, seq_len: int | UOp | None = None) -> Tensor:
   """(hd/2,) inverse frequencies 1/theta^(2j/hd), with linear or dynamic-NTK scaling as transformers applies it."""
   hd, theta, s = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling or {}
   j = Tensor.arange(0, hd, 2, dtype=dtypes.float32) / hd                      # (hd/2,)
-  kind, factor = s.get("rope_type", s.get("type")), float(s.get("factor", 1.0))
+  kind, factor = cfg.rope_kind, float(s.get("factor", 1.0))
   if kind == "dynamic" and seq_len is not None:
     # NTK: stretch the base once the sequence outgrows the trained length (recomputed for each call's length)
     m = cfg.max_position_embeddings
@@ -447,9 +449,8 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
   if P > S_max - 1: raise OlmoeError(f"prompt of {P} tokens is longer than the model's context ({S_max} positions)")
   # left-pad to a multiple of PREFILL_MULTIPLE, so that one compiled prefill serves a range of prompt lengths (not
   # where that would shorten the generation, nor with dynamic RoPE, whose frequencies depend on the length)
-  dynamic = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type")) == "dynamic"
   Pp = -(-P // PREFILL_MULTIPLE) * PREFILL_MULTIPLE
-  if not dynamic and Pp + min(max_new_tokens, S_max - P) <= S_max: P = Pp
+  if cfg.rope_kind != "dynamic" and Pp + min(max_new_tokens, S_max - P) <= S_max: P = Pp
   stop = set(cfg.eos_ids if stop_ids is None else stop_ids)
   rng = np.random.default_rng(seed)
   pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
@@ -720,7 +721,8 @@ def read_state_dict(folder: Path) -> dict[str, Stored]:
       if key == "__metadata__": continue
       if key.endswith("rotary_emb.inv_freq"): continue                    # a buffer some old files carry
       if v["dtype"] not in SAFETENSORS_DTYPES: raise OlmoeError(f"{path}: tensor {key} has unsupported dtype {v['dtype']}")
-      state[key] = Stored(tuple(v["shape"]), SAFETENSORS_DTYPES[v["dtype"]], _file_reader(path, start + v["data_offsets"][0]))
+      read_into = _file_reader(path, start + v["data_offsets"][0])
+      state[key] = Stored(tuple(v["shape"]), SAFETENSORS_DTYPES[v["dtype"]], read_into)
   return state
 
 def _stack(parts: list[Stored], axis: int = 0, new_axis: bool = True) -> Stored:
@@ -761,10 +763,10 @@ def to_tensor(t: Stored | Tensor) -> Tensor:
   """A Stored record read into a new tinygrad buffer in its stored dtype. On the CPU the file's bytes are read
   into the buffer's own memory; other devices get a host array copied over."""
   if isinstance(t, Tensor): return t
-  out = Tensor.empty(*t.shape, dtype=t.dtype).realize()
-  buf = out.uop.buffer.ensure_allocated()
-  if hasattr(buf.allocator, "_as_buffer"):
-    t.read_into(np.frombuffer(buf.as_memoryview(force_zero_copy=True), _np_dtype(t.dtype)).reshape(t.shape))
+  if hasattr(Device[Device.DEFAULT].allocator, "_as_buffer"):
+    out = Tensor.empty(*t.shape, dtype=t.dtype).realize()
+    mem = out.uop.buffer.ensure_allocated().as_memoryview(force_zero_copy=True)
+    t.read_into(np.frombuffer(mem, _np_dtype(t.dtype)).reshape(t.shape))
     return out
   t.read_into(a := np.empty(t.shape, _np_dtype(t.dtype)))
   return Tensor(a) if t.dtype == dtypes.float32 else Tensor(a).bitcast(t.dtype)
