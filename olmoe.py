@@ -22,7 +22,7 @@ capacity factor: routing is dropless), rope types other than default/linear/dyna
 sliding windows, quantised weights, and speculative decoding.
 """
 from __future__ import annotations
-import argparse, codecs, json, math, os, re, struct, sys, time, unicodedata
+import argparse, codecs, importlib.metadata, json, math, os, pickle, re, struct, sys, tempfile, time, unicodedata
 import regex
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -30,7 +30,8 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit, UOp, dtypes
 from tinygrad.dtype import DType
-from tinygrad.helpers import tqdm
+from tinygrad.helpers import CACHEDB, CACHELEVEL, tqdm
+import tinygrad.codegen
 
 
 class OlmoeError(Exception):
@@ -191,6 +192,7 @@ class Attention:
     v = v.reshape(B, T, nkv, hd).transpose(1, 2)                            # (B, nkv, T, hd)
     if self.rope_in_fp32: q, k = apply_rope(q.float(), cos, sin).cast(x.dtype), apply_rope(k.float(), cos, sin).cast(x.dtype)
     else: q, k = apply_rope(q, cos.cast(x.dtype), sin.cast(x.dtype)), apply_rope(k, cos.cast(x.dtype), sin.cast(x.dtype))
+    q = q.contiguous()
     if self.cache_kv is not None:                                           # write this call's keys, read all so far
       self.cache_kv[:, :, :, start_pos:start_pos + T].assign(Tensor.stack(k, v)).realize()
       k, v = self.cache_kv[0, :, :, :start_pos + T], self.cache_kv[1, :, :, :start_pos + T]  # (B, nkv, S, hd)
@@ -198,7 +200,7 @@ class Attention:
     q = q.reshape(B, nkv, nh // nkv, T, hd)                                 # (B, nkv, nh/nkv, T, hd)
     k, v = k.unsqueeze(2), v.unsqueeze(2)                                   # (B, nkv, 1, S, hd)
     scores = q.float().matmul(k.float().transpose(-1, -2)).cast(x.dtype) * hd ** -0.5   # (B, nkv, nh/nkv, T, S)
-    p = mask.unsqueeze(1).unsqueeze(1).where(scores.float(), -math.inf).softmax(-1).cast(x.dtype)  # (B, nkv, nh/nkv, T, S)
+    p = mask.unsqueeze(1).unsqueeze(1).where(scores.float(), -math.inf).softmax(-1).cast(x.dtype).contiguous()  # (B, nkv, nh/nkv, T, S)
     o = p.float().matmul(v.float()).cast(x.dtype)                           # (B, nkv, nh/nkv, T, hd)
     o = o.reshape(B, nh, T, hd).transpose(1, 2).reshape(B, T, nh * hd)      # (B, T, nh*hd)
     return linear(o, self.o_proj)                                           # (B, T, D)
@@ -433,6 +435,48 @@ class Step(NamedTuple):
   experts: np.ndarray | None = None
 
 
+# ------------------------------------------ lowered-kernel cache ------------------------------------------
+# tinygrad keeps each compiled binary on disk, but it redoes the lowering of every distinct kernel graph to C in each
+# new process (in Python, about 0.1-1 s a kernel), and that is most of a fresh process's time to first token. Its
+# in-memory table of lowered programs (keyed by the kernel graph, renderer and codegen settings; each entry holds the
+# program and its binary) is therefore kept in a file beside tinygrad's cache database, read before the first
+# generation and written back when it grew. CACHELEVEL=0, tinygrad's switch for its disk caches, turns it off too.
+PROGRAM_CACHE = Path(CACHEDB).with_suffix(".olmoe-programs.pkl")
+PROGRAM_CACHE_MAX = 20_000     # entries; past this, the file keeps only this process's programs
+_TINYGRAD = importlib.metadata.version("tinygrad")   # a file written by another tinygrad version is ignored
+_programs_on_disk = -1         # table size when last read or written (-1: not read yet in this process)
+
+def load_program_cache(path: Path = PROGRAM_CACHE) -> int:
+  """Add the lowered programs stored at path to tinygrad's table; returns how many were read. A missing, stale or
+  unreadable file reads as empty: a cache must never stop generation."""
+  global _programs_on_disk
+  table, stored = tinygrad.codegen.to_program_cache, {}
+  if CACHELEVEL.value > 0 and path.exists():
+    try: version, stored = pickle.loads(path.read_bytes())
+    except Exception: version = None       # noqa: BLE001 -- any failure to unpickle means "no cache"
+    if version != _TINYGRAD or not isinstance(stored, dict): stored = {}
+    table.update({k: v for k, v in stored.items() if k not in table})
+  _programs_on_disk = len(table)
+  return len(stored)
+
+def save_program_cache(path: Path = PROGRAM_CACHE) -> None:
+  """Write tinygrad's table of lowered programs (with what is already stored) to path, if it grew since the last
+  read or write: to a temporary file in the same folder, then renamed over the old one."""
+  global _programs_on_disk
+  table = tinygrad.codegen.to_program_cache
+  if CACHELEVEL.value == 0 or len(table) <= _programs_on_disk: return
+  if len(table) < PROGRAM_CACHE_MAX: load_program_cache(path)     # merge with what other processes wrote
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+      with os.fdopen(fd, "wb") as f: pickle.dump((_TINYGRAD, dict(table)), f)
+      os.replace(tmp, path)
+    finally: Path(tmp).unlink(missing_ok=True)
+  except OSError: pass                     # a read-only cache folder: nothing is kept, generation goes on
+  _programs_on_disk = len(table)
+
+
 def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_ids: tuple[int, ...] | None = None,
              with_routing: bool = False) -> Iterator[Step]:
@@ -462,6 +506,7 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
   caches = model._caches.setdefault(B, [Tensor.zeros(2, B, cfg.n_kv_heads, S_max, cfg.head_dim, dtype=model.dtype)
                                         .contiguous().realize() for _ in model.layers])   # L x (2, B, nkv, S_max, hd)
   for layer, cache in zip(model.layers, caches): layer.self_attn.cache_kv = cache
+  if _programs_on_disk < 0: load_program_cache()
   try:
     prefill = model._prefills.setdefault((B, P, model.expert_mask is None, model.top_k), TinyJit(_prefill))
     logits, routing = prefill(model, ids, key_ok, offset, model.expert_mask)
@@ -479,6 +524,7 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
       logits, routing = decode(model, tok, v_pos.bind(P + n), key_ok, offset, model.expert_mask)
   finally:
     for layer in model.layers: layer.self_attn.cache_kv = None
+    save_program_cache()
 
 def _prefill(model: Olmoe, ids: Tensor, key_ok: Tensor, offset: Tensor, expert_mask: Tensor | None):
   """All P prompt positions of ids (B, P) in one call (stale cache entries past them are never attended to)."""

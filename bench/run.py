@@ -2,8 +2,8 @@
 """Time olmoe.py against transformers' OlmoeForCausalLM on the same checkpoint, alternating, in one run.
 
 Each measurement is a fresh subprocess (`--worker ours|hf`), so peak RSS (VmHWM) and time to first token are per
-implementation and per process. Per round: ours with a cold tinygrad kernel cache (a new, empty CACHEDB file),
-transformers, ours again with the now warm cache; the order of the three alternates between rounds. Figures are
+implementation and per process. Per round: ours with a cold tinygrad kernel cache (a new, empty CACHEDB file, and
+so no olmoe.py program cache beside it), transformers, ours again with the now warm caches; the order of the three alternates between rounds. Figures are
 medians over rounds; "ours" prefill/decode come from the warm-cache process (cold differs only in compile time).
 
 In a worker: load; time to first token = the first `generate` call up to its first token (prefill + any kernel
@@ -115,7 +115,7 @@ def bench(name: str, rounds: int, new: int, reps: int, with_hf: bool = True) -> 
       runs[kind].append(res)
       print(f"  [{name} round {r + 1}/{rounds}] {kind:9s} " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                                          for k, v in res.items()) + f" load1={loads[-1]:.2f}", flush=True)
-    for p in (db, db + "-journal", db + "-wal", db + "-shm"):
+    for p in (db, db + "-journal", db + "-wal", db + "-shm", str(Path(db).with_suffix(".olmoe-programs.pkl"))):
       if os.path.exists(p): os.remove(p)
   med = lambda kind, key: statistics.median(x[key] for x in runs[kind]) if runs[kind] else float("nan")
   o, h = "ours_warm", "hf"

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from tinygrad import Tensor, TinyJit, dtypes
+import tinygrad.codegen
 from conftest import ROOT, save_hf_olmoe, hf_reference
 import olmoe
 
@@ -220,6 +221,40 @@ def test_uniform_routing_gives_k():
   eps = 1e-3
   z = Tensor([[eps, eps, 0, 0], [0, eps, eps, 0], [0, 0, eps, eps], [eps, 0, 0, eps]])
   assert abs(olmoe.load_balancing_loss([z], 4, 2).item() - 2.0) < 1e-2
+
+
+LOWERING_CHILD = """
+import json, sys, olmoe, tinygrad.codegen
+model, _ = olmoe.load(sys.argv[1], progress=False)
+tokens = [s.tokens[0] for s in olmoe.generate(model, [[5, 17, 99, 3, 250]], max_new_tokens=6, stop_ids=())]
+print(json.dumps({"tokens": tokens, "read": olmoe.load_program_cache(), "table": len(tinygrad.codegen.to_program_cache)}))
+"""
+
+def test_a_fresh_process_reuses_the_lowered_kernels(tmp_path):
+  """The second process reads every kernel it needs from the program cache (it lowers none) and still generates
+  transformers' tokens."""
+  path = save_hf_olmoe(tmp_path / "ckpt", seed=9, with_tokenizer=False)
+  with torch.no_grad():
+    theirs = hf_reference(path).generate(torch.tensor([[5, 17, 99, 3, 250]]), max_new_tokens=6, do_sample=False,
+                                         eos_token_id=None, pad_token_id=1)[0, 5:].tolist()
+  env = dict(os.environ, CACHEDB=str(tmp_path / "cache.db"), PYTHONPATH=str(ROOT))
+  run = lambda: json.loads(subprocess.run([sys.executable, "-c", LOWERING_CHILD, str(path)], env=env, check=True,
+                                          capture_output=True, text=True, timeout=600).stdout.splitlines()[-1])
+  first = run()
+  assert (tmp_path / "cache.olmoe-programs.pkl").exists() and first["read"] > 0
+  second = run()
+  assert first["tokens"] == second["tokens"] == theirs
+  assert second["table"] == second["read"]                # nothing lowered beyond what the file held
+
+def test_a_broken_program_cache_reads_as_empty(tmp_path):
+  bad = tmp_path / "c.olmoe-programs.pkl"
+  bad.write_bytes(b"not a pickle")
+  assert olmoe.load_program_cache(bad) == 0
+  (Tensor([[1.0, 2.0], [3.0, 4.0]]).exp() @ Tensor.ones(2, 2)).realize()   # a lowered program or more in the table
+  olmoe._programs_on_disk = -1                            # as if the table grew: the next save writes it
+  olmoe.save_program_cache(bad)                           # replaced by this process's table, whole and readable
+  assert olmoe.load_program_cache(bad) == len(tinygrad.codegen.to_program_cache) > 0
+  assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_sampling_is_seeded_and_follows_the_distribution():
