@@ -22,7 +22,7 @@ capacity factor: routing is dropless), rope types other than default/linear/dyna
 sliding windows, quantised weights, and speculative decoding.
 """
 from __future__ import annotations
-import argparse, codecs, importlib.metadata, json, math, os, pickle, re, struct, sys, tempfile, time, unicodedata
+import argparse, atexit, codecs, importlib.metadata, json, math, os, pickle, re, struct, sys, tempfile, time, unicodedata
 import regex
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -440,7 +440,7 @@ class Step(NamedTuple):
 # new process (in Python, about 0.1-1 s a kernel), and that is most of a fresh process's time to first token. Its
 # in-memory table of lowered programs (keyed by the kernel graph, renderer and codegen settings; each entry holds the
 # program and its binary) is therefore kept in a file beside tinygrad's cache database, read before the first
-# generation and written back when it grew. CACHELEVEL=0, tinygrad's switch for its disk caches, turns it off too.
+# generation and written back at exit if it grew. CACHELEVEL=0, tinygrad's switch for its disk caches, turns it off.
 PROGRAM_CACHE = Path(CACHEDB).with_suffix(".olmoe-programs.pkl")
 PROGRAM_CACHE_MAX = 20_000     # entries; past this, the file keeps only this process's programs
 _TINYGRAD = importlib.metadata.version("tinygrad")   # a file written by another tinygrad version is ignored
@@ -448,8 +448,10 @@ _programs_on_disk = -1         # table size when last read or written (-1: not r
 
 def load_program_cache(path: Path = PROGRAM_CACHE) -> int:
   """Add the lowered programs stored at path to tinygrad's table; returns how many were read. A missing, stale or
-  unreadable file reads as empty: a cache must never stop generation."""
+  unreadable file reads as empty: a cache must never stop generation. The first read of the default file also
+  arranges for the table to be written back at exit."""
   global _programs_on_disk
+  if _programs_on_disk < 0 and path == PROGRAM_CACHE: atexit.register(save_program_cache)
   table, stored = tinygrad.codegen.to_program_cache, {}
   if CACHELEVEL.value > 0 and path.exists():
     try: version, stored = pickle.loads(path.read_bytes())
@@ -524,7 +526,6 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
       logits, routing = decode(model, tok, v_pos.bind(P + n), key_ok, offset, model.expert_mask)
   finally:
     for layer in model.layers: layer.self_attn.cache_kv = None
-    save_program_cache()
 
 def _prefill(model: Olmoe, ids: Tensor, key_ok: Tensor, offset: Tensor, expert_mask: Tensor | None):
   """All P prompt positions of ids (B, P) in one call (stale cache entries past them are never attended to)."""
