@@ -192,10 +192,11 @@ class Attention:
     v = v.reshape(B, T, nkv, hd).transpose(1, 2)                            # (B, nkv, T, hd)
     if self.rope_in_fp32: q, k = apply_rope(q.float(), cos, sin).cast(x.dtype), apply_rope(k.float(), cos, sin).cast(x.dtype)
     else: q, k = apply_rope(q, cos.cast(x.dtype), sin.cast(x.dtype)), apply_rope(k, cos.cast(x.dtype), sin.cast(x.dtype))
-    # in a prefill, q after RoPE and the softmax weights are materialised, so that the two attention matmuls are
-    # plain products: fused, they lower in Python about twice as slowly (a fully unrolled reduction recomputing
-    # RoPE or softmax per term), which the first call of each prompt length waits for; a decode step keeps them fused
-    if T > 1: q = q.contiguous()
+    # q after RoPE is materialised, and so are the softmax weights in a prefill, so that the attention matmuls are
+    # plain products. Fused, they take about twice as long to lower (a fully unrolled reduction recomputing RoPE or
+    # softmax per term), and tinygrad's hash of the fused decode kernel, whose symbolic cost estimate grows with the
+    # RoPE terms, took 5.5 s on the demo's first decode step. The decode step keeps the softmax fused.
+    q = q.contiguous()
     if self.cache_kv is not None:                                           # write this call's keys, read all so far
       self.cache_kv[:, :, :, start_pos:start_pos + T].assign(Tensor.stack(k, v)).realize()
       k, v = self.cache_kv[0, :, :, :start_pos + T], self.cache_kv[1, :, :, :start_pos + T]  # (B, nkv, S, hd)
