@@ -447,13 +447,13 @@ class Step(NamedTuple):
 # program and its binary) is therefore kept in a file beside tinygrad's cache database, read before the first
 # generation and written back at exit if it grew. CACHELEVEL=0, tinygrad's switch for its disk caches, turns it off.
 PROGRAM_CACHE = Path(CACHEDB).with_suffix(".olmoe-programs.pkl")
-PROGRAM_CACHE_MAX = 20_000     # entries; past this, the file keeps only this process's programs
+PROGRAM_CACHE_MAX = 2_000      # entries (about 20 KB each); a larger file reads as empty and is replaced
 _TINYGRAD = importlib.metadata.version("tinygrad")   # a file written by another tinygrad version is ignored
 _programs_on_disk = -1         # table size when last read or written (-1: not read yet in this process)
 
 def load_program_cache(path: Path = PROGRAM_CACHE) -> int:
-  """Add the lowered programs stored at path to tinygrad's table; returns how many were read. A missing, stale or
-  unreadable file reads as empty: a cache must never stop generation. The first read of the default file also
+  """Add the lowered programs stored at path to tinygrad's table; returns how many were read. A missing, stale,
+  oversized or unreadable file reads as empty: a cache must never stop generation. The first read of the default file also
   arranges for the table to be written back at exit."""
   global _programs_on_disk
   if _programs_on_disk < 0 and path == PROGRAM_CACHE: atexit.register(save_program_cache)
@@ -461,7 +461,7 @@ def load_program_cache(path: Path = PROGRAM_CACHE) -> int:
   if CACHELEVEL.value > 0 and path.exists():
     try: version, stored = pickle.loads(path.read_bytes())
     except Exception: version = None       # noqa: BLE001 -- any failure to unpickle means "no cache"
-    if version != _TINYGRAD or not isinstance(stored, dict): stored = {}
+    if version != _TINYGRAD or not isinstance(stored, dict) or len(stored) > PROGRAM_CACHE_MAX: stored = {}
     table.update({k: v for k, v in stored.items() if k not in table})
   _programs_on_disk = len(table)
   return len(stored)
@@ -472,7 +472,7 @@ def save_program_cache(path: Path = PROGRAM_CACHE) -> None:
   global _programs_on_disk
   table = tinygrad.codegen.to_program_cache
   if CACHELEVEL.value == 0 or len(table) <= _programs_on_disk: return
-  if len(table) < PROGRAM_CACHE_MAX: load_program_cache(path)     # merge with what other processes wrote
+  load_program_cache(path)                                          # merge with what other processes wrote
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")

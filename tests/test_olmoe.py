@@ -1,6 +1,6 @@
 """olmoe.py against independent oracles: transformers' OlmoeForCausalLM (fp32, eager) on tiny random checkpoints it
 wrote itself, numpy, and outputs computed by hand."""
-import json, math, os, subprocess, sys
+import json, math, os, pickle, subprocess, sys
 import numpy as np
 import pytest
 import torch
@@ -247,8 +247,14 @@ def test_a_fresh_process_reuses_the_lowered_kernels(tmp_path):
   assert first["tokens"] == second["tokens"] == theirs
   assert second["table"] == second["read"]                # nothing lowered beyond what the file held
 
-def test_a_broken_program_cache_reads_as_empty(tmp_path):
+def test_a_broken_program_cache_reads_as_empty(tmp_path, monkeypatch):
   bad = tmp_path / "c.olmoe-programs.pkl"
+  monkeypatch.setattr(olmoe, "PROGRAM_CACHE_MAX", 3)
+  bad.write_bytes(pickle.dumps((olmoe._TINYGRAD, {("k", i): None for i in range(4)})))   # one entry too many
+  assert olmoe.load_program_cache(bad) == 0 and ("k", 0) not in tinygrad.codegen.to_program_cache
+  monkeypatch.undo()
+  bad.write_bytes(pickle.dumps(("0.0.1", {("k", 0): None})))                             # another tinygrad's
+  assert olmoe.load_program_cache(bad) == 0 and ("k", 0) not in tinygrad.codegen.to_program_cache
   bad.write_bytes(b"not a pickle")
   assert olmoe.load_program_cache(bad) == 0
   (Tensor([[1.0, 2.0], [3.0, 4.0]]).exp() @ Tensor.ones(2, 2)).realize()   # a lowered program or more in the table
