@@ -442,7 +442,7 @@ class Step(NamedTuple):
 
 # ------------------------------------------ lowered-kernel cache ------------------------------------------
 # tinygrad keeps each compiled binary on disk, but it redoes the lowering of every distinct kernel graph to C in each
-# new process (in Python, about 0.1-1 s a kernel), and that is most of a fresh process's time to first token. Its
+# new process (in Python, about 0.1-2 s a kernel), and that is most of a fresh process's time to first token. Its
 # in-memory table of lowered programs (keyed by the kernel graph, renderer and codegen settings; each entry holds the
 # program and its binary) is therefore kept in a file beside tinygrad's cache database, read before the first
 # generation and written back at exit if it grew. CACHELEVEL=0, tinygrad's switch for its disk caches, turns it off.
@@ -453,8 +453,8 @@ _programs_on_disk = -1         # table size when last read or written (-1: not r
 
 def load_program_cache(path: Path = PROGRAM_CACHE) -> int:
   """Add the lowered programs stored at path to tinygrad's table; returns how many were read. A missing, stale,
-  oversized or unreadable file reads as empty: a cache must never stop generation. The first read of the default file also
-  arranges for the table to be written back at exit."""
+  oversized or unreadable file reads as empty: a cache must never stop generation. The first read of the default
+  file also arranges for the table to be written back at exit."""
   global _programs_on_disk
   if _programs_on_disk < 0 and path == PROGRAM_CACHE: atexit.register(save_program_cache)
   table, stored = tinygrad.codegen.to_program_cache, {}

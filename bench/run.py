@@ -3,8 +3,9 @@
 
 Each measurement is a fresh subprocess (`--worker ours|hf`), so peak RSS (VmHWM) and time to first token are per
 implementation and per process. Per round: ours with a cold tinygrad kernel cache (a new, empty CACHEDB file, and
-so no olmoe.py program cache beside it), transformers, ours again with the now warm caches; the order of the three alternates between rounds. Figures are
-medians over rounds; "ours" prefill/decode come from the warm-cache process (cold differs only in compile time).
+so no olmoe.py program cache beside it), transformers, ours again with the now warm caches; the order of the three
+alternates between rounds. Figures are medians over rounds; "ours" prefill/decode come from the warm-cache
+process (cold differs only in compile time).
 
 In a worker: load; time to first token = the first `generate` call up to its first token (prefill + any kernel
 compilation, model already loaded); then `generate` of 64 greedy tokens (EOS ignored) twice, the second one timed
