@@ -22,15 +22,18 @@ capacity factor: routing is dropless), rope types other than default/linear/dyna
 sliding windows, quantised weights, and speculative decoding.
 """
 from __future__ import annotations
-import argparse, atexit, codecs, importlib.metadata, json, math, os, pickle, re, struct, sys, tempfile, time, unicodedata
+import argparse, atexit, codecs, ctypes, importlib.metadata, json, math, os, pickle, re, struct, sys, tempfile, time
+import unicodedata
 import regex
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit, UOp, dtypes
 from tinygrad.dtype import DType
-from tinygrad.helpers import CACHEDB, CACHELEVEL, tqdm
+from tinygrad.helpers import CACHEDB, CACHELEVEL, NUM_CPU_THREADS, tqdm
+from tinygrad.runtime.ops_cpu import CPUProgram
 import tinygrad.codegen
 
 
@@ -484,6 +487,38 @@ def save_program_cache(path: Path = PROGRAM_CACHE) -> None:
   _programs_on_disk = len(table)
 
 
+# ---------------------------------------------- all CPU cores ----------------------------------------------
+# tinygrad's CPU compiler splits each large kernel into one slice per core (its THREAD optimisation: the slice number
+# `core_id` is a kernel argument, and each slice writes its own part of the output), but the CPU runtime of tinygrad
+# 0.14 then calls the slices one after another, so every kernel runs on one core. The slices are independent, and
+# ctypes releases the GIL for the length of a call, so here slices 1, 2, ... go to a pool of threads while the calling
+# thread runs slice 0. The kernels, and so every result, are the same bit for bit; prefill and decode run 1.3-2x
+# faster on 2 cores (bench/README.md). THREADS=0, tinygrad's switch for the slicing, leaves one slice per kernel.
+_run_slices_in_turn = CPUProgram.__call__     # tinygrad's own launcher
+_slice_pool: ThreadPoolExecutor | None = None
+
+def run_slices_at_once(on: bool = True) -> None:
+  """Launch the per-core slices of tinygrad's CPU kernels at once (on, the default since import) or in turn (off)."""
+  CPUProgram.__call__ = _launch_slices_at_once if on else _run_slices_in_turn
+
+def _launch_slices_at_once(prg: CPUProgram, *bufs, global_size=(1, 1, 1), local_size=(1, 1, 1), vals=(), wait=False,
+                           timeout=None) -> float | None:
+  global _slice_pool
+  slot = prg.runtimevars.get("core_id")                  # position of the slice number among the kernel's arguments
+  if prg.lvp or slot is None or global_size[0] == 1:
+    return _run_slices_in_turn(prg, *bufs, global_size=global_size, local_size=local_size, vals=vals, wait=wait,
+                               timeout=timeout)
+  start, args = time.perf_counter(), [b.va_addr for b in bufs] + list(vals)
+  def run(core: int):
+    prg.fxn(*[ctypes.c_uint64(core if j == slot else a) for j, a in enumerate(args)])
+  if _slice_pool is None: _slice_pool = ThreadPoolExecutor(max(1, NUM_CPU_THREADS.value - 1), thread_name_prefix="slice")
+  others = [_slice_pool.submit(run, core) for core in range(1, global_size[0])]
+  run(0)
+  for f in others: f.result()
+  return time.perf_counter() - start if wait else None
+
+run_slices_at_once()
+
 def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_ids: tuple[int, ...] | None = None,
              with_routing: bool = False) -> Iterator[Step]:
@@ -547,11 +582,12 @@ def _decode_step(model: Olmoe, tok: Tensor, start_pos: UOp, key_ok: Tensor, offs
   return _realized(*model.forward(tok, positions, mask, start_pos, last_only=True, expert_mask=expert_mask))
 
 def _realized(logits: Tensor, r: Routing) -> tuple[Tensor, Routing]:
-  return logits.realize(), Routing([], [w.realize() for w in r.weights], [i.realize() for i in r.experts])
+  """The (B, V) fp32 last-position logits and the routing, realized inside the compiled call."""
+  return logits[:, -1].float().realize(), Routing([], [w.realize() for w in r.weights], [i.realize() for i in r.experts])
 
 def _last(logits: Tensor, routing: Routing, with_routing: bool):
   """Bring the (B, V) last-position logits (and, if asked, the last position's routing) to the host."""
-  lg = logits[:, -1].float().numpy()
+  lg = logits.numpy()                                                                        # (B, V)
   if not with_routing: return lg, None, None
   B = lg.shape[0]
   last = lambda ts: np.stack([t.reshape(B, -1, t.shape[-1])[:, -1].float().numpy() for t in ts])   # (L, B, k)

@@ -1,10 +1,12 @@
 """olmoe.py against independent oracles: transformers' OlmoeForCausalLM (fp32, eager) on tiny random checkpoints it
 wrote itself, numpy, and outputs computed by hand."""
-import json, math, os, pickle, subprocess, sys
+import json, math, os, pickle, subprocess, sys, threading
+from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
 from tinygrad import Tensor, TinyJit, dtypes
+from tinygrad.helpers import Context
 import tinygrad.codegen
 from conftest import ROOT, save_hf_olmoe, hf_reference
 import olmoe
@@ -262,6 +264,24 @@ def test_a_broken_program_cache_reads_as_empty(tmp_path, monkeypatch):
   olmoe.save_program_cache(bad)                           # replaced by this process's table, whole and readable
   assert olmoe.load_program_cache(bad) == len(tinygrad.codegen.to_program_cache) > 0
   assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_kernel_slices_run_on_other_threads_and_change_no_bit(monkeypatch):
+  """tinygrad cuts a large CPU kernel into per-core slices; run_slices_at_once hands slices 1, 2, ... to other
+  threads. The product matches numpy, and equals bit for bit the same kernel with its slices run in turn."""
+  rng = np.random.default_rng(0)
+  a, b = rng.standard_normal((64, 512), dtype=np.float32), rng.standard_normal((512, 256), dtype=np.float32)
+  ran_on, pool = set(), ThreadPoolExecutor(1)
+  class Spy:                                             # the slice pool, noting which thread ran each slice
+    def submit(self, fn, *args): return pool.submit(lambda: (ran_on.add(threading.get_ident()), fn(*args))[1])
+  monkeypatch.setattr(olmoe, "_slice_pool", Spy())
+  with Context(NUM_CPU_THREADS=2):                       # two slices per large kernel, whatever this machine has
+    at_once = (Tensor(a) @ Tensor(b)).numpy()
+    olmoe.run_slices_at_once(False)
+    try: in_turn = (Tensor(a) @ Tensor(b)).numpy()
+    finally: olmoe.run_slices_at_once(True)
+  assert ran_on and threading.get_ident() not in ran_on
+  assert np.array_equal(at_once, in_turn) and np.allclose(at_once, a @ b, atol=1e-3)
 
 
 def test_sampling_is_seeded_and_follows_the_distribution():
