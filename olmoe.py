@@ -287,7 +287,7 @@ def expert_ffn(h: Tensor, i: Tensor, gate_up: Tensor, down: Tensor, I: int) -> T
   Each (token, slot) pair is one matrix-vector product with its expert's gathered weights. With several tokens (a
   prefill) the pairs are first put in expert order (`expert_order`), so that the pairs of an expert sit side by side
   and its weights, gathered for each of them, come from the cache rather than from memory; the outputs are put back
-  in pair order at the end. The order changes no pair's arithmetic (bench/README.md: prefill 1.4-1.8x faster).
+  in pair order at the end. The order changes no pair's arithmetic (bench/README.md: prefill 1.3-1.7x faster).
 
   Details that keep the gathered products memory-bound (bench/README.md): the ids are clipped to [0, E), which
   they already are, so that tinygrad's compiler knows every gathered load is in bounds and emits plain vector
