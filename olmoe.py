@@ -273,7 +273,8 @@ def expert_order(i: Tensor) -> tuple[Tensor, Tensor]:
   """The (token, slot) pairs of i (N, k), flattened to p = n*k + s, in expert order (ties in pair order).
 
   Returns perm (P,), the pair at each position of that order, and rank (P,), the position of each pair (the inverse
-  permutation): P*P comparisons, a few milliseconds at P = 256 and well under the expert products at any length."""
+  permutation). P*P comparisons: about 0.1 ms at P = 256 (32 tokens, k = 8), and at 2048 tokens about 1% of the
+  expert products' arithmetic (2P^2 operations against 6DI per pair)."""
   P = i.numel()
   e, p = i.reshape(P), Tensor.arange(P)                                      # (P,) expert of each pair, pair ids
   key = e * P + p                                                            # (P,) ordered by expert, then pair
@@ -534,7 +535,8 @@ def _launch_slices_at_once(prg: CPUProgram, *bufs, global_size=(1, 1, 1), local_
   start, args = time.perf_counter(), [b.va_addr for b in bufs] + list(vals)
   def run(core: int):
     prg.fxn(*[ctypes.c_uint64(core if j == slot else a) for j, a in enumerate(args)])
-  if _slice_pool is None: _slice_pool = ThreadPoolExecutor(max(1, NUM_CPU_THREADS.value - 1), thread_name_prefix="slice")
+  if _slice_pool is None:
+    _slice_pool = ThreadPoolExecutor(max(1, NUM_CPU_THREADS.value - 1), thread_name_prefix="slice")
   others = [_slice_pool.submit(run, core) for core in range(1, global_size[0])]
   run(0)
   for f in others: f.result()
@@ -570,8 +572,8 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
   # one KV cache per batch size, made on first use and kept for the model's life: the compiled decode step replays
   # into these buffers
   if B not in model._caches:
-    model._caches[B] = [Tensor.zeros(2, B, cfg.n_kv_heads, S_max, cfg.head_dim, dtype=model.dtype).contiguous().realize()
-                        for _ in model.layers]                                           # L x (2, B, nkv, S_max, hd)
+    shape = (2, B, cfg.n_kv_heads, S_max, cfg.head_dim)                                     # k and v, per layer
+    model._caches[B] = [Tensor.zeros(*shape, dtype=model.dtype).contiguous().realize() for _ in model.layers]
   for layer, cache in zip(model.layers, model._caches[B]): layer.self_attn.cache_kv = cache
   if _programs_on_disk < 0: load_program_cache()
   try:
@@ -608,7 +610,8 @@ def _decode_step(model: Olmoe, tok: Tensor, start_pos: UOp, key_ok: Tensor, offs
 
 def _realized(logits: Tensor, r: Routing) -> tuple[Tensor, Routing]:
   """The (B, V) fp32 last-position logits and the routing, realized inside the compiled call."""
-  return logits[:, -1].float().realize(), Routing([], [w.realize() for w in r.weights], [i.realize() for i in r.experts])
+  weights, experts = [w.realize() for w in r.weights], [i.realize() for i in r.experts]
+  return logits[:, -1].float().realize(), Routing([], weights, experts)
 
 def _last(logits: Tensor, routing: Routing, with_routing: bool):
   """Bring the (B, V) last-position logits (and, if asked, the last position's routing) to the host."""
