@@ -32,8 +32,11 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit, UOp, dtypes
 from tinygrad.dtype import DType
-from tinygrad.helpers import CACHEDB, CACHELEVEL, NUM_CPU_THREADS, tqdm
+from tinygrad.engine.jit import CapturedJit
+from tinygrad.engine.realize import get_call_arg_uops, get_runtime
+from tinygrad.helpers import CACHEDB, CACHELEVEL, DEBUG, NUM_CPU_THREADS, tqdm
 from tinygrad.runtime.ops_cpu import CPUProgram
+from tinygrad.uop.ops import Ops
 import tinygrad.codegen
 
 
@@ -544,6 +547,50 @@ def _launch_slices_at_once(prg: CPUProgram, *bufs, global_size=(1, 1, 1), local_
 
 run_slices_at_once()
 
+# ---------------------------------------------- replaying a step ----------------------------------------------
+# To replay a compiled (TinyJit) step, tinygrad resolves again, for every kernel and on every call, its buffers, its
+# launch size and its statistics in Python: 20-30 us a kernel, and a decode step is about 300 kernels (a quarter of the
+# small shape's bf16 step, most of the demo's). `plan_replay` resolves once what does not change between calls: each
+# kernel's program, and for each buffer argument the buffer itself or the call input that fills it. Replaying the
+# plan launches the same programs on the same buffers in the same order, so every result is the same bit for bit
+# (tests/test_olmoe.py). A step that the plan cannot express (a copy, several devices, a view of an input, an input
+# the step writes) keeps tinygrad's replay, and so does DEBUG >= 2, whose per-kernel timings come from it.
+_replay_captured = CapturedJit.__call__       # tinygrad's own replay
+
+def plan_replay(captured: CapturedJit) -> list | None:
+  """[(program, buffer arguments, kernel info)] for a captured step, a buffer argument being the device buffer or
+  the index of the call input that fills it; None where the step holds anything but single-device kernels."""
+  plan = []
+  for call in captured.linear.src:
+    ast, device, args = call.src[0], call.src[1].device, get_call_arg_uops(call)
+    if ast.op is not Ops.PROGRAM or not isinstance(device, str): return None
+    if any(args[j].op is Ops.PARAM for j in ast.arg.outs): return None          # writes an input: copied per call
+    bufs = []
+    for j in ast.arg.globals:
+      if args[j].op is Ops.PARAM: bufs.append(args[j].arg.slot)
+      elif Ops.PARAM in {u.op for u in args[j].toposort()}: return None        # a view of an input
+      else: bufs.append(args[j].buffer.ensure_allocated().get_buf(device))
+    plan.append((get_runtime(device, ast), bufs, ast.arg))
+  return plan
+
+def _replay_planned(captured: CapturedJit, input_uops: list, var_vals: dict[str, int]):
+  if (plan := getattr(captured, "replay_plan", None)) is None or DEBUG >= 2:
+    return _replay_captured(captured, input_uops, var_vals)
+  inputs = [u.buffer.ensure_allocated()._buf for u in input_uops]
+  for prg, bufs, info in plan:
+    global_size, local_size = info.launch_dims(var_vals)
+    prg(*[inputs[b] if isinstance(b, int) else b for b in bufs], global_size=global_size, local_size=local_size,
+        vals=info.vals(var_vals))
+  return captured.ret
+
+CapturedJit.__call__ = _replay_planned
+
+def _plan(step: TinyJit) -> None:
+  """Plan the replays of a compiled step once it has been captured (TinyJit captures on its second call); the plan
+  is kept on the captured step (None: replayed by tinygrad)."""
+  if step.captured is not None and not hasattr(step.captured, "replay_plan"):
+    step.captured.replay_plan = plan_replay(step.captured)
+
 def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_ids: tuple[int, ...] | None = None,
              with_routing: bool = False) -> Iterator[Step]:
@@ -579,6 +626,7 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
   try:
     prefill = model._prefills.setdefault((B, P, model.expert_mask is None, model.top_k), TinyJit(_prefill))
     logits, routing = prefill(model, ids, key_ok, offset, model.expert_mask)
+    _plan(prefill)
     decode = model._decoders.setdefault((B, model.expert_mask is None, model.top_k), TinyJit(_decode_step))
     v_pos = UOp.variable("start_pos", 1, S_max - 1)
     done = [False] * B
@@ -591,6 +639,7 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
       if all(done) or n + 1 == max_new_tokens: break
       tok = Tensor(toks, dtype=dtypes.int32).reshape(B, 1)                                  # (B, 1)
       logits, routing = decode(model, tok, v_pos.bind(P + n), key_ok, offset, model.expert_mask)
+      _plan(decode)
   finally:
     for layer in model.layers: layer.self_attn.cache_kv = None
 

@@ -307,6 +307,25 @@ def test_kernel_slices_run_on_other_threads_and_change_no_bit(monkeypatch):
   assert np.array_equal(at_once, in_turn) and np.allclose(at_once, a @ b, atol=1e-3)
 
 
+def test_planned_replay_gives_tinygrads_results(tmp_path, monkeypatch):
+  """generate replays its compiled prefill and decode steps from a plan (plan_replay); the greedy tokens and every
+  routing weight of a padded batch equal, bit for bit, those of the same steps replayed by tinygrad."""
+  path = save_hf_olmoe(tmp_path / "ckpt", seed=4, with_tokenizer=False)
+  def run(model):
+    return [(s.tokens, s.weights) for s in olmoe.generate(model, [[5, 17, 99, 3], [7, 8]], max_new_tokens=8,
+                                                          stop_ids=(), with_routing=True)]
+  def plans(model): return [j.captured.replay_plan for j in [*model._prefills.values(), *model._decoders.values()]]
+  planned, _ = olmoe.load(path, progress=False)
+  ours = [run(planned) for _ in range(3)][-1]            # the prefill is captured on the 2nd call, planned from the 3rd
+  assert len(plans(planned)) == 2 and all(p is not None for p in plans(planned))
+  monkeypatch.setattr(olmoe, "plan_replay", lambda captured: None)
+  plain, _ = olmoe.load(path, progress=False)
+  theirs = [run(plain) for _ in range(3)][-1]
+  assert len(plans(plain)) == 2 and all(p is None for p in plans(plain))
+  assert len(ours) == len(theirs) == 8
+  for (t1, w1), (t2, w2) in zip(ours, theirs): assert t1 == t2 and np.array_equal(w1, w2)
+
+
 def test_sampling_is_seeded_and_follows_the_distribution():
   logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
   draw = lambda seed, **kw: [int(olmoe.sample(logits, np.random.default_rng(seed), temperature=1.0, **kw)[0]) for _ in range(1)]
