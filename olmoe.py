@@ -557,13 +557,14 @@ run_slices_at_once()
 # the step writes) keeps tinygrad's replay, and so does DEBUG >= 2, whose per-kernel timings come from it.
 _replay_captured = CapturedJit.__call__       # tinygrad's own replay
 
-def plan_replay(captured: CapturedJit) -> list | None:
-  """[(program, buffer arguments, kernel info)] for a captured step, a buffer argument being the device buffer or
-  the index of the call input that fills it; None where the step holds anything but single-device kernels."""
-  plan = []
+def plan_replay(captured: CapturedJit) -> tuple[str, list] | None:
+  """(device, [(program, buffer arguments, kernel info)]) for a captured step, a buffer argument being the device
+  buffer or the index of the call input that fills it; None unless the step is kernels on one device."""
+  plan, devices = [], {call.src[1].device for call in captured.linear.src}
+  if len(devices) != 1 or not isinstance(device := devices.pop(), str): return None
   for call in captured.linear.src:
-    ast, device, args = call.src[0], call.src[1].device, get_call_arg_uops(call)
-    if ast.op is not Ops.PROGRAM or not isinstance(device, str): return None
+    ast, args = call.src[0], get_call_arg_uops(call)
+    if ast.op is not Ops.PROGRAM: return None
     if any(args[j].op is Ops.PARAM for j in ast.arg.outs): return None          # writes an input: copied per call
     bufs = []
     for j in ast.arg.globals:
@@ -571,12 +572,13 @@ def plan_replay(captured: CapturedJit) -> list | None:
       elif Ops.PARAM in {u.op for u in args[j].toposort()}: return None        # a view of an input
       else: bufs.append(args[j].buffer.ensure_allocated().get_buf(device))
     plan.append((get_runtime(device, ast), bufs, ast.arg))
-  return plan
+  return device, plan
 
 def _replay_planned(captured: CapturedJit, input_uops: list, var_vals: dict[str, int]):
-  if (plan := getattr(captured, "replay_plan", None)) is None or DEBUG >= 2:
+  if (planned := getattr(captured, "replay_plan", None)) is None or DEBUG >= 2:
     return _replay_captured(captured, input_uops, var_vals)
-  inputs = [u.buffer.ensure_allocated()._buf for u in input_uops]
+  device, plan = planned
+  inputs = [u.buffer.get_buf(device) for u in input_uops]
   for prg, bufs, info in plan:
     global_size, local_size = info.launch_dims(var_vals)
     prg(*[inputs[b] if isinstance(b, int) else b for b in bufs], global_size=global_size, local_size=local_size,
