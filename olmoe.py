@@ -194,7 +194,8 @@ class Attention:
     nh, nkv, hd = cfg.num_attention_heads, cfg.n_kv_heads, cfg.head_dim
     q = self.norm(linear(x, self.q_proj), self.q_norm)                      # (B, T, nh*hd)
     k = self.norm(linear(x, self.k_proj), self.k_norm)                      # (B, T, nkv*hd)
-    v = linear(x, self.v_proj).contiguous()                                 # (B, T, nkv*hd)
+    v = linear(x, self.v_proj)                                              # (B, T, nkv*hd)
+    if T > 1: v = v.contiguous()    # a plain matmul: fused into the cache write, a prefill's v took 5x longer
     if cfg.clip_qkv is not None: q, k, v = (t.clip(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
     q = q.reshape(B, T, nh, hd).transpose(1, 2)                             # (B, nh, T, hd)
     k = k.reshape(B, T, nkv, hd).transpose(1, 2)                            # (B, nkv, T, hd)
