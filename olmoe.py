@@ -368,7 +368,7 @@ class Olmoe:
     """ids (B, T) int, positions (B, T) int, mask (B, T, S) bool (True = query may attend to key); expert_mask
     defaults to the model's. Returns logits (B, T, V), or with hidden=True the final normed states (B, T, D)."""
     if expert_mask is None: expert_mask = self.expert_mask
-    h = take(self.embed_tokens, ids)                                               # (B, T, D)
+    h = take(self.embed_tokens, ids).contiguous()                                  # (B, T, D) read by the residual and the first norm
     cos, sin = rope_tables(positions, rope_inv_freq(self.cfg, start_pos + ids.shape[1]))   # (B, 1, T, hd) each
     # computed once here, not again inside every layer's kernels that read them
     cos, sin, mask = cos.contiguous(), sin.contiguous(), mask.contiguous()
