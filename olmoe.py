@@ -229,7 +229,7 @@ def topk(p: Tensor, k: int) -> tuple[Tensor, Tensor]:
   ar = Tensor.arange(E)
   # rank[e] = how many entries beat entry e; the k entries of rank < k are the top-k, and rank is their slot
   beats = (p.unsqueeze(-2) > p.unsqueeze(-1)) | ((p.unsqueeze(-2) == p.unsqueeze(-1)) & (ar < ar.unsqueeze(-1)))
-  rank = beats.sum(-1)                                                       # (..., E)
+  rank = beats.sum(-1).contiguous()                                          # (..., E) read by both outputs
   slot = rank.unsqueeze(-2) == Tensor.arange(k).unsqueeze(-1)                # (..., k, E): slot s holds expert e
   idx = (slot * ar).sum(-1).cast(dtypes.int32)                               # (..., k)
   return slot.where(p.unsqueeze(-2), 0).sum(-1), idx                         # (..., k), (..., k)
@@ -243,9 +243,11 @@ def route(h: Tensor, W_r: Tensor, k: int, renormalise: bool = False,
   Returns z (N, E) logits in the model dtype, g (N, k) weights in the model dtype (summing to < 1 unless
   `renormalise`), and i (N, k) int32 expert ids, slot 0 the most probable.
   """
-  z = linear(h, W_r)                                                         # (N, E)
+  # z and p are materialised: the logits, the weights and the ids each read them, and left lazy every one of those
+  # kernels recomputed the router's product and softmax
+  z = linear(h, W_r).contiguous()                                            # (N, E)
   zf = z.float() if expert_mask is None else expert_mask.where(z.float(), -math.inf)
-  p = zf.softmax(-1)                                                         # (N, E) fp32
+  p = zf.softmax(-1).contiguous()                                            # (N, E) fp32
   g, i = topk(p, k)                                                          # (N, k), (N, k)
   if renormalise: g = g / g.sum(-1, keepdim=True)
   return z, g.cast(z.dtype), i
