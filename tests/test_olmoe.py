@@ -216,17 +216,20 @@ def test_rms_norm_and_rope_by_hand():
 
 def test_dot_and_linear_match_numpy():
   """dot sums in LANES partial sums when the length divides, in one sum otherwise; both are x @ w.T to rounding,
-  with broadcasting over leading axes, and linear rounds bf16 inputs once at the end."""
+  with broadcasting over leading axes, and linear rounds bf16 inputs once at the end. linear takes the lanes for a
+  one-row x and one sum per output for several rows: both paths are checked."""
   rng = np.random.default_rng(0)
   for K in (olmoe.LANES * 3, olmoe.LANES * 3 + 1):
-    x, w = rng.standard_normal((2, 3, K), dtype=np.float32), rng.standard_normal((5, K), dtype=np.float32)
-    assert np.allclose(olmoe.linear(Tensor(x), Tensor(w)).numpy(), x @ w.T, atol=1e-5)
-    assert np.allclose(olmoe.dot(Tensor(x[:, :, None]), Tensor(w)).numpy(), x @ w.T, atol=1e-5)   # (2, 3, 5)
-  xb, wb = Tensor(x).cast(dtypes.bfloat16), Tensor(w).cast(dtypes.bfloat16)
-  exact = xb.float().numpy() @ wb.float().numpy().T
-  ours = olmoe.linear(xb, wb)
-  assert ours.dtype == dtypes.bfloat16
-  assert np.allclose(ours.float().numpy(), exact, rtol=2 ** -8, atol=1e-6)
+    for rows in ((2, 3), (1, 1)):
+      x, w = rng.standard_normal((*rows, K), dtype=np.float32), rng.standard_normal((5, K), dtype=np.float32)
+      assert np.allclose(olmoe.linear(Tensor(x), Tensor(w)).numpy(), x @ w.T, atol=1e-5)
+      assert np.allclose(olmoe.dot(Tensor(x[:, :, None]), Tensor(w)).numpy(), x @ w.T, atol=1e-5)   # (*rows, 5)
+      xb, wb = Tensor(x).cast(dtypes.bfloat16), Tensor(w).cast(dtypes.bfloat16)
+      exact = xb.float().numpy() @ wb.float().numpy().T
+      ours = olmoe.linear(xb, wb)
+      assert ours.dtype == dtypes.bfloat16
+      assert np.allclose(ours.float().numpy(), exact, rtol=2 ** -8, atol=1e-6)
+    assert np.allclose(olmoe.dot(Tensor(x[:, :, None]), Tensor(w), 1).numpy(), x @ w.T, atol=1e-5)
 
 
 def test_load_balancing_and_z_loss_by_hand():
