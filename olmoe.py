@@ -119,7 +119,7 @@ LANES = 8   # partial sums per dot product (see dot)
 def dot(x: Tensor, w: Tensor, lanes: int = LANES) -> Tensor:
   """sum_j x_j w_j over the last axis (x and w broadcast against each other), in fp32.
 
-  The sum is kept in LANES interleaved partial sums (j mod LANES) that are added at the end. With a single running
+  The sum is kept in `lanes` interleaved partial sums (j mod lanes) that are added at the end. With a single running
   sum each addition waits for the previous one, and a CPU matrix-vector product runs at the adder's latency
   instead of at memory speed; independent partial sums let the compiler keep one accumulator per lane
   (bench/README.md: the 50304 x 1024 LM head 24 -> 16 ms). Same products, another order of the additions."""
@@ -132,7 +132,7 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
   """x @ w.T for an (out, in) weight, accumulated in fp32 and rounded once to x's dtype (as torch does in bf16).
   With several rows of x the compiler already keeps a tile of independent sums (rows x outputs), and lanes on top
   of it only spill registers (a 32-token bf16 projection 6.2 -> 2.0 ms): lanes are for the one-row product."""
-  lanes = LANES if all(n == 1 for n in x.shape[:-1]) else 1
+  lanes = LANES if all(isinstance(n, int) and n == 1 for n in x.shape[:-1]) else 1
   return dot(x.unsqueeze(-2), w, lanes).cast(x.dtype)                        # (..., 1, in) . (out, in) -> (..., out)
 
 def take(w: Tensor, i: Tensor) -> Tensor:
@@ -370,7 +370,7 @@ class Olmoe:
     """ids (B, T) int, positions (B, T) int, mask (B, T, S) bool (True = query may attend to key); expert_mask
     defaults to the model's. Returns logits (B, T, V), or with hidden=True the final normed states (B, T, D)."""
     if expert_mask is None: expert_mask = self.expert_mask
-    h = take(self.embed_tokens, ids).contiguous()                                  # (B, T, D) read by the residual and the first norm
+    h = take(self.embed_tokens, ids).contiguous()                                  # (B, T, D) read by two kernels
     cos, sin = rope_tables(positions, rope_inv_freq(self.cfg, start_pos + ids.shape[1]))   # (B, 1, T, hd) each
     # computed once here, not again inside every layer's kernels that read them
     cos, sin, mask = cos.contiguous(), sin.contiguous(), mask.contiguous()
