@@ -555,7 +555,7 @@ run_slices_at_once()
 
 # ---------------------------------------------- replaying a step ----------------------------------------------
 # To replay a compiled (TinyJit) step, tinygrad resolves again, for every kernel and on every call, its buffers, its
-# launch size and its statistics in Python: 20-30 us a kernel, and a decode step is about 300 kernels (a quarter of the
+# launch size and its statistics in Python: 20-30 us a kernel, and a decode step is about 250 kernels (a quarter of the
 # small shape's bf16 step, most of the demo's). `plan_replay` resolves once what does not change between calls: each
 # kernel's program, and for each buffer argument the buffer itself or the call input that fills it. Replaying the
 # plan launches the same programs on the same buffers in the same order, so every result is the same bit for bit
