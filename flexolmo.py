@@ -20,7 +20,7 @@ for it), router re-training on proxy data ("RT"), and the paper's external embed
 public model's own mean final hidden state stands in for it).
 """
 from __future__ import annotations
-import argparse, json, os, shutil, struct, sys
+import argparse, json, os, shutil, sys
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -28,7 +28,10 @@ from tinygrad import Tensor, TinyJit, dtypes
 from tinygrad.helpers import Context, tqdm
 from tinygrad.nn.optim import AdamW
 import olmoe
-from olmoe import OlmoeError, Attention, SparseMoeBlock, Olmoe, OlmoeConfig
+from olmoe import OlmoeError, Attention, SparseMoeBlock, Olmoe, OlmoeConfig, apply_rope
+from olmoe_checkpoint import Raw, load_checkpoint, load_weights, raw_to_numpy, read_config, read_raw, to_raw, write_safetensors
+from olmoe_tokenizer import Tokenizer
+import olmoe_cli, olmoe_compiler
 
 RELEASED_NAMES = ["public", "math", "news", "academic", "code", "creative", "reddit"]   # FlexOlmo-7x7B-1T's order
 
@@ -77,8 +80,11 @@ def rms_norm_olmo2(x: Tensor, w: Tensor, eps: float) -> Tensor:
 
 class FlexAttention(Attention):
   """OLMoE's attention with OLMo 2's q/k norm and fp32 rotation."""
-  rope_in_fp32 = True
   def norm(self, x: Tensor, w: Tensor) -> Tensor: return rms_norm_olmo2(x, w, self.cfg.rms_norm_eps)
+
+  def rope(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """RoPE on q and k in fp32, cast back to the model dtype."""
+    return apply_rope(q.float(), cos, sin).cast(q.dtype), apply_rope(k.float(), cos, sin).cast(k.dtype)
 
 
 class FlexDecoderLayer:
@@ -99,8 +105,10 @@ class FlexDecoderLayer:
 
 
 class FlexOlmo(Olmoe):
+  """The FlexOlmo causal LM: OLMoE's model with post-norm blocks and OLMo 2's norms; experts can be switched off."""
   Layer = FlexDecoderLayer
-  norm_fn = staticmethod(rms_norm_olmo2)
+
+  def final_norm(self, h: Tensor) -> Tensor: return rms_norm_olmo2(h, self.norm, self.cfg.rms_norm_eps)
 
   def select_experts(self, experts: list[str] | None = None, opt_out: list[str] | None = None) -> list[str]:
     """Enable only `experts` (names or indices), or all but `opt_out`; returns the enabled names.
@@ -108,9 +116,10 @@ class FlexOlmo(Olmoe):
     An excluded expert's router logit is -inf before the softmax: it can take no slot, and the softmax
     renormalises over the others, exactly as if its router row and FFN were deleted. k is capped accordingly."""
     names = self.cfg.names()
-    def index(n: str) -> int:
+    def index(n: str | int) -> int:
+      if isinstance(n, int) and 0 <= n < len(names): return n
       if n in names: return names.index(n)
-      if n.isdigit() and int(n) < len(names): return int(n)
+      if isinstance(n, str) and n.isdigit() and int(n) < len(names): return int(n)
       raise OlmoeError(f"unknown expert {n!r} (this model has: {', '.join(names)})")
     on = set(range(len(names))) if experts is None else {index(n) for n in experts}
     on -= {index(n) for n in opt_out or []}
@@ -121,42 +130,15 @@ class FlexOlmo(Olmoe):
 
 
 def load(name: str, experts: list[str] | None = None, opt_out: list[str] | None = None, dtype=None,
-         progress: bool = True) -> tuple[FlexOlmo, "olmoe.Tokenizer | None"]:
+         progress: bool = True) -> tuple[FlexOlmo, "olmoe_tokenizer.Tokenizer | None"]:
   """(model, tokenizer) from a FlexOlmo checkpoint folder (or hub repo id), with only the chosen experts enabled."""
-  model, tok = olmoe.load(name, dtype, progress, config_cls=FlexOlmoConfig, model_cls=FlexOlmo)
+  model, tok = load_checkpoint(name, FlexOlmoConfig, FlexOlmo, dtype, progress)
   model.select_experts(experts, opt_out)
   return model, tok
 
 
 # ======================================= checkpoints as raw tensors =======================================
 # train-expert and merge move tensors they do not change as raw bytes, so frozen and shared weights stay bit-identical.
-
-Raw = tuple[str, list[int], bytes]            # (safetensors dtype, shape, data)
-NP = {"F32": np.float32, "F16": np.float16}
-
-def read_raw(folder: Path) -> dict[str, Raw]:
-  """Every tensor of a checkpoint (sharded or not) as its stored bytes, keyed by transformers' names."""
-  out: dict[str, Raw] = {}
-  for path in olmoe.checkpoint_files(folder):
-    (header, start), blob = olmoe.read_safetensors_header(path), path.read_bytes()
-    data = blob[start:]
-    for k, v in header.items():
-      if k != "__metadata__": out[k] = (v["dtype"], v["shape"], data[v["data_offsets"][0]:v["data_offsets"][1]])
-  return out
-
-def raw_to_numpy(t: Raw) -> np.ndarray:
-  dt, shape, data = t
-  if dt == "BF16": return (np.frombuffer(data, np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
-  if dt not in NP: raise OlmoeError(f"unsupported tensor dtype {dt}")
-  return np.frombuffer(data, NP[dt]).astype(np.float32).reshape(shape)
-
-def numpy_to_raw(a: np.ndarray, dt: str) -> Raw:
-  a = np.ascontiguousarray(a, np.float32)
-  if dt == "BF16":   # round to nearest even, as torch does
-    u = a.view(np.uint32).astype(np.uint64)
-    data = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).tobytes()
-  else: data = a.astype(NP[dt]).tobytes()
-  return dt, list(a.shape), data
 
 def check_out(out: Path, inputs: list[Path]) -> Path:
   """The output folder must be new (so no input is ever written over)."""
@@ -172,15 +154,7 @@ def write_checkpoint(out: Path, config: dict, tensors: dict[str, Raw], tokenizer
   tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
   tmp.mkdir(parents=True)
   try:
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for k, (dt, shape, data) in tensors.items():
-      header[k] = {"dtype": dt, "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
-      offset += len(data)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    with open(tmp / "model.safetensors", "wb") as f:
-      f.write(struct.pack("<Q", len(head)) + head)
-      for _, _, data in tensors.values(): f.write(data)
+    write_safetensors(tmp / "model.safetensors", tensors, {"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     if tokenizer is not None and tokenizer.exists(): shutil.copy(tokenizer, tmp / "tokenizer.json")
     os.rename(tmp, out)
@@ -201,11 +175,11 @@ def public_expert(raw: dict[str, Raw], config: dict, l: int, part: str) -> Raw:
 def read_public(folder: Path) -> tuple[dict, dict[str, Raw]]:
   """The public model's config.json and raw tensors."""
   if not folder.is_dir(): raise OlmoeError(f"{folder}: not a model folder (config.json + safetensors + tokenizer.json)")
-  config = olmoe.read_config(folder)
+  config = read_config(folder)
   if config.get("model_type") not in ("olmo2", "flex_olmo"):
     raise OlmoeError(f"{folder}: the public model must be olmo2 (dense) or flex_olmo, not {config.get('model_type')!r}")
   raw = read_raw(folder)
-  if len(kinds := sorted({t[0] for t in raw.values()})) > 1: raise OlmoeError(f"{folder}: mixed tensor dtypes {kinds}")
+  if len(kinds := sorted({t.dtype for t in raw.values()})) > 1: raise OlmoeError(f"{folder}: mixed tensor dtypes {kinds}")
   for l in range(config.get("num_hidden_layers", 0)):     # the public FFN and (FlexOlmo) router of every layer
     for part in PARTS: public_expert(raw, config, l, part)
     if config["model_type"] == "flex_olmo" and gate_key(l) not in raw: raise OlmoeError(f"public model: missing tensor {gate_key(l)}")
@@ -246,7 +220,7 @@ def two_expert_model(config: dict, raw: dict[str, Raw]) -> tuple[FlexOlmoConfig,
       state[expert_key(l, 0, part)], state[expert_key(l, 1, part)] = w, w
     state[gate_key(l)] = Tensor.zeros(2, D)
   model = FlexOlmo(cfg)
-  olmoe.load_weights(model, state, dtypes.float32, progress=False)
+  load_weights(model, state, dtypes.float32, progress=False)
   return cfg, model
 
 def train_expert(public: Path, data: list[Path], out: Path, name: str, steps: int = 100, lr: float = 1e-3,
@@ -265,7 +239,7 @@ def train_expert(public: Path, data: list[Path], out: Path, name: str, steps: in
   names = (config.get("expert_names") or ["public"])[:1] + [name]
   if not name or name == names[0]: raise OlmoeError(f"the expert needs a name other than the public expert's ({names[0]!r})")
   if not (public / "tokenizer.json").exists(): raise OlmoeError(f"{public}: no tokenizer.json")
-  tok = olmoe.Tokenizer.from_file(public / "tokenizer.json")
+  tok = Tokenizer.from_file(public / "tokenizer.json")
   eos = config.get("eos_token_id")
   eos = eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else tok.token_to_id("<|endoftext|>")
   if eos is None: raise OlmoeError(f"{public}: no eos_token_id in config.json and no <|endoftext|> token")
@@ -277,7 +251,7 @@ def train_expert(public: Path, data: list[Path], out: Path, name: str, steps: in
   else: r_pub = [mean_hidden(model, read_windows(public_data, tok, seq_len, eos)) if public_data else np.zeros(D, np.float32)] * L
   r_dom = mean_hidden(model, windows)
   # the trainable tensors: per layer expert 1 (gate_up, down) and router row 1; everything else is a constant
-  frozen = [(layer.mlp.experts_gate_up_proj[0].contiguous().realize(), layer.mlp.experts_down_proj[0].contiguous().realize(),
+  frozen = [(layer.mlp.experts.gate_up_proj[0].contiguous().realize(), layer.mlp.experts.down_proj[0].contiguous().realize(),
              Tensor(r_pub[l]).reshape(1, D).realize()) for l, layer in enumerate(model.layers)]
   train = [(gu.clone().realize(), dn.clone().realize(), Tensor(r_dom).reshape(1, D).contiguous().realize()) for gu, dn, _ in frozen]
   for p in model.parameters().values(): p.requires_grad = False
@@ -285,8 +259,8 @@ def train_expert(public: Path, data: list[Path], out: Path, name: str, steps: in
   for p in params: p.requires_grad = True
   def assemble():   # the layer tensors as [public; owner] along the expert axis
     for layer, (gu0, dn0, r0), (gu1, dn1, r1) in zip(model.layers, frozen, train):
-      layer.mlp.experts_gate_up_proj = gu0.unsqueeze(0).cat(gu1.unsqueeze(0))        # (2, 2I, D)
-      layer.mlp.experts_down_proj = dn0.unsqueeze(0).cat(dn1.unsqueeze(0))           # (2, D, I)
+      layer.mlp.experts.gate_up_proj = gu0.unsqueeze(0).cat(gu1.unsqueeze(0))        # (2, 2I, D)
+      layer.mlp.experts.down_proj = dn0.unsqueeze(0).cat(dn1.unsqueeze(0))           # (2, D, I)
       layer.mlp.gate = r0.cat(r1)                                                     # (2, D)
   opt = AdamW(params, lr=lr, b1=0.9, b2=0.95, weight_decay=0.0)
   @TinyJit
@@ -304,17 +278,17 @@ def train_expert(public: Path, data: list[Path], out: Path, name: str, steps: in
       losses.append(step(Tensor(windows[rng.integers(0, len(windows), batch)])).item())
       bar.set_description(f"train {name} loss {losses[-1]:.3f}")
   # write: frozen tensors as the input's bytes; expert 1 and the router in the public model's dtype
-  dt = public_expert(raw, config, 0, "up_proj")[0]
+  dt = public_expert(raw, config, 0, "up_proj").dtype
   I = cfg.intermediate_size
   tensors = {k: v for k, v in raw.items() if ".mlp." not in k}
   for l, ((gu1, dn1, r1), (_, _, r0)) in enumerate(zip(train, frozen)):
     for part in PARTS: tensors[expert_key(l, 0, part)] = public_expert(raw, config, l, part)
     gu = gu1.numpy()
-    tensors[expert_key(l, 1, "gate_proj")] = numpy_to_raw(gu[:I], dt)
-    tensors[expert_key(l, 1, "up_proj")] = numpy_to_raw(gu[I:], dt)
-    tensors[expert_key(l, 1, "down_proj")] = numpy_to_raw(dn1.numpy(), dt)
-    row0 = raw[gate_key(l)] if config["model_type"] == "flex_olmo" else numpy_to_raw(r0.numpy(), dt)
-    tensors[gate_key(l)] = (dt, [2, D], row0[2][: len(row0[2]) // row0[1][0]] + numpy_to_raw(r1.numpy(), dt)[2])
+    tensors[expert_key(l, 1, "gate_proj")] = to_raw(gu[:I], dt)
+    tensors[expert_key(l, 1, "up_proj")] = to_raw(gu[I:], dt)
+    tensors[expert_key(l, 1, "down_proj")] = to_raw(dn1.numpy(), dt)
+    row0 = row(raw[gate_key(l)], 0) if config["model_type"] == "flex_olmo" else to_raw(r0.numpy().reshape(D), dt)
+    tensors[gate_key(l)] = Raw(dt, [2, D], raw_bytes(row0) + raw_bytes(to_raw(r1.numpy().reshape(D), dt)))
   new_config = {**config, "model_type": "flex_olmo", "architectures": ["FlexOlmoForCausalLM"], "num_experts": 2,
                 "num_experts_per_tok": 2, "expert_names": names}
   write_checkpoint(out, new_config, tensors, public / "tokenizer.json", [public])
@@ -340,7 +314,7 @@ def merge(public: Path, owners: list[tuple[str, Path]], out: Path, top_k: int | 
   for n, d in owners:
     if not d.is_dir(): raise OlmoeError(f"{d}: expert {n!r} is not a model folder")
   check_out(out, [public] + [d for _, d in owners])
-  inputs = [(olmoe.read_config(d), read_raw(d), n, d) for n, d in owners]
+  inputs = [(read_config(d), read_raw(d), n, d) for n, d in owners]
   for config, raw, n, d in inputs:
     if config.get("model_type") != "flex_olmo" or config.get("num_experts") != 2:
       raise OlmoeError(f"{d}: expert {n!r} must be a 2-expert flex_olmo checkpoint (from train-expert)")
@@ -349,7 +323,7 @@ def merge(public: Path, owners: list[tuple[str, Path]], out: Path, top_k: int | 
         raise OlmoeError(f"{d}: config {field} is {config.get(field)!r}, the public model has {pub_config.get(field)!r}")
   L, D = pub_config["num_hidden_layers"], pub_config["hidden_size"]
   shared = sorted(k for k in pub if ".mlp." not in k)
-  describe = lambda t: "missing" if t is None else f"{t[0]} {t[1]}"
+  describe = lambda t: "missing" if t is None else f"{t.dtype} {t.shape}"
   for config, raw, n, d in inputs:
     # the layout first: the public model's shared tensors, two experts shaped like the public FFN, a (2, D) router
     odd = sorted(set(k for k in raw if ".mlp." not in k) ^ set(shared))
@@ -358,7 +332,7 @@ def merge(public: Path, owners: list[tuple[str, Path]], out: Path, top_k: int | 
       want = {expert_key(l, e, p): public_expert(pub, pub_config, l, p)[:2] for e in (0, 1) for p in PARTS}
       want[gate_key(l)] = (want[expert_key(l, 0, "up_proj")][0], [2, D])
       for key, (dt, shape) in want.items():
-        if (t := raw.get(key)) is None or (t[0], list(t[1])) != (dt, list(shape)):
+        if (t := raw.get(key)) is None or (t.dtype, list(t.shape)) != (dt, list(shape)):
           raise OlmoeError(f"{d}: tensor {key} of expert {n!r} is {describe(t)}, expected {dt} {list(shape)}")
     # then the values: everything the owner did not train must be the public model's, bit for bit
     checks = [(k, raw[k], pub[k]) for k in shared]
@@ -377,15 +351,17 @@ def merge(public: Path, owners: list[tuple[str, Path]], out: Path, top_k: int | 
       tensors[expert_key(l, 0, p)] = public_expert(pub, pub_config, l, p)
       for e, (_, raw, _, _) in enumerate(inputs, start=1): tensors[expert_key(l, e, p)] = raw[expert_key(l, 1, p)]
     rows = [row(inputs[0][1][gate_key(l)], 0)] + [row(raw[gate_key(l)], 1) for _, raw, _, _ in inputs]
-    tensors[gate_key(l)] = (rows[0][0], [E, D], b"".join(r[2] for r in rows))                  # (E, D)
+    tensors[gate_key(l)] = Raw(rows[0].dtype, [E, D], b"".join(raw_bytes(r) for r in rows))         # (E, D)
   config = {**inputs[0][0], "num_experts": E, "num_experts_per_tok": k, "expert_names": names}
   write_checkpoint(out, config, tensors, public / "tokenizer.json", [public] + [d for _, d in owners])
 
 def row(t: Raw, i: int) -> Raw:
   """Row i of a 2-D raw tensor."""
-  dt, shape, data = t
-  n = len(data) // shape[0]
-  return dt, shape[1:], data[i * n:(i + 1) * n]
+  data = raw_bytes(t)
+  n = len(data) // t.shape[0]
+  return Raw(t.dtype, list(t.shape[1:]), data[i * n:(i + 1) * n])
+
+def raw_bytes(t: Raw) -> bytes: return t.data if isinstance(t.data, bytes) else np.ascontiguousarray(t.data).tobytes()
 
 
 # ============================================== command line ==============================================
@@ -394,29 +370,34 @@ DEMO_MODEL = Path(__file__).resolve().parent / "models" / "flexolmo-demo"
 REAL_MODEL = "allenai/FlexOlmo-7x7B-1T"
 
 def main(argv=None) -> int:
+  """`python flexolmo.py --prompt TEXT [--experts a,b | --opt-out c]`, `... train-expert ...` or `... merge ...`."""
   argv = sys.argv[1:] if argv is None else argv
-  try:
-    if argv[:1] == ["train-expert"]:
-      ap = argparse.ArgumentParser(prog="flexolmo.py train-expert", description=train_expert.__doc__.split("\n")[0])
-      ap.add_argument("--public", required=True, type=Path, help="the public model folder (olmo2 or flex_olmo)")
-      ap.add_argument("--data", required=True, nargs="+", type=Path, help="the owner's text files")
-      ap.add_argument("--out", required=True, type=Path)
-      ap.add_argument("--name", default=None, help="the expert's name (default: the --out folder's name)")
-      ap.add_argument("--public-data", nargs="*", type=Path, help="public text for the public router row (dense public model)")
-      ap.add_argument("--steps", type=int, default=100); ap.add_argument("--lr", type=float, default=1e-3)
-      ap.add_argument("--seq-len", type=int, default=64); ap.add_argument("--batch", type=int, default=8)
-      ap.add_argument("--seed", type=int, default=0)
-      a = ap.parse_args(argv[1:])
+  olmoe_compiler.use_cpu_target()                                        # before the first kernel is compiled
+  if argv[:1] == ["train-expert"]:
+    ap = argparse.ArgumentParser(prog="flexolmo.py train-expert", description=train_expert.__doc__.split("\n")[0])
+    ap.add_argument("--public", required=True, type=Path, help="the public model folder (olmo2 or flex_olmo)")
+    ap.add_argument("--data", required=True, nargs="+", type=Path, help="the owner's text files")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--name", default=None, help="the expert's name (default: the --out folder's name)")
+    ap.add_argument("--public-data", nargs="*", type=Path, help="public text for the public router row (dense public model)")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv[1:])
+    def run():
       losses = train_expert(a.public, a.data, a.out, a.name or a.out.name, a.steps, a.lr, a.seq_len, a.batch, a.seed,
                             a.public_data, progress=sys.stderr.isatty())
       print(f"trained {a.name or a.out.name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}; wrote {a.out}")
-    elif argv[:1] == ["merge"]:
-      ap = argparse.ArgumentParser(prog="flexolmo.py merge", description=merge.__doc__.split("\n")[0])
-      ap.add_argument("--public", required=True, type=Path)
-      ap.add_argument("--expert", required=True, action="append", help="NAME=DIR of a train-expert output")
-      ap.add_argument("--out", required=True, type=Path)
-      ap.add_argument("--top-k", type=int, default=None, help="experts per token (default: all)")
-      a = ap.parse_args(argv[1:])
+  elif argv[:1] == ["merge"]:
+    ap = argparse.ArgumentParser(prog="flexolmo.py merge", description=merge.__doc__.split("\n")[0])
+    ap.add_argument("--public", required=True, type=Path)
+    ap.add_argument("--expert", required=True, action="append", help="NAME=DIR of a train-expert output")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--top-k", type=int, default=None, help="experts per token (default: all)")
+    a = ap.parse_args(argv[1:])
+    def run():
       owners = []
       for spec in a.expert:
         if "=" not in spec: raise OlmoeError(f"--expert {spec!r}: expected NAME=DIR")
@@ -424,21 +405,19 @@ def main(argv=None) -> int:
         owners.append((n, Path(d)))
       merge(a.public, owners, a.out, a.top_k)
       print(f"merged {len(owners) + 1} experts into {a.out}")
-    else:
-      ap = olmoe.build_parser("flexolmo.py", None)
-      group = ap.add_mutually_exclusive_group()
-      group.add_argument("--experts", help="comma-separated experts to enable (names or indices); default: all")
-      group.add_argument("--opt-out", help="comma-separated experts to exclude")
-      a = ap.parse_args(argv)
-      if a.model is None: a.model = olmoe.default_model(DEMO_MODEL, REAL_MODEL)
-      olmoe.check_request(a)
+  else:
+    ap = olmoe_cli.build_parser("flexolmo.py")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--experts", help="comma-separated experts to enable (names or indices); default: all")
+    group.add_argument("--opt-out", help="comma-separated experts to exclude")
+    a = ap.parse_args(argv)
+    def run():
+      if a.model is None: a.model = olmoe_cli.default_model(DEMO_MODEL, REAL_MODEL)
+      olmoe_cli.check_request(a)
       split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None
       model, tok = load(a.model, split(a.experts), split(a.opt_out), progress=sys.stderr.isatty())
-      olmoe.run_cli(a, model, tok, model.cfg.names())
-  except OlmoeError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+      olmoe_cli.run_cli(a, model, tok, model.cfg.names())
+  return olmoe_cli.exit_code(run)
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Random OLMoE checkpoints in Hugging Face layout, for the benchmarks (bench/run.py).
 
-  small   the issue's shape (D 1024, 8 layers, 16 heads, 64 experts, top-8, I 512, V 50304): transformers'
+  small   a small OLMoE shape (D 1024, 8 layers, 16 heads, 64 experts, top-8, I 512, V 50304): transformers'
           OlmoeForCausalLM(config) with its random init, written by save_pretrained in fp32 (small-fp32/) and the
           same weights rounded to bf16 (small-bf16/).
   real    the OLMoE-1B-7B-0924 shape in bf16 (~13.8 GB): too big to instantiate as a torch model next to our own
@@ -10,9 +10,11 @@
 
 python bench/make_ckpt.py small|real [--out bench/out]
 """
-import argparse, json, struct, sys, time
+import argparse, json, sys, time
 from pathlib import Path
 import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from olmoe_checkpoint import bf16_bits, to_raw, write_safetensors   # noqa: E402
 
 SMALL = dict(vocab_size=50304, hidden_size=1024, intermediate_size=512, num_hidden_layers=8, num_attention_heads=16,
              num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096,
@@ -32,24 +34,9 @@ def make_small(out: Path) -> None:
   model.to(torch.bfloat16).save_pretrained(out / "small-bf16")
 
 
-def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str) -> int:
-  """A .safetensors file from uint16 bit patterns (dtype "BF16") or float32 arrays, written in one pass."""
-  header, off = {}, 0
-  for k, a in tensors.items():
-    header[k] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
-    off += a.nbytes
-  h = json.dumps(header, separators=(",", ":")).encode()
-  h += b" " * (-len(h) % 8)
-  with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(h))); f.write(h)
-    for a in tensors.values(): f.write(np.ascontiguousarray(a).tobytes())
-  return off
-
-
 def bf16_normal(rng: np.random.Generator, shape, std=0.02) -> np.ndarray:
   """N(0, std) as bf16 bit patterns (uint16): float32 samples rounded to nearest even."""
-  x = (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).view(np.uint32)
-  return ((x + 0x7FFF + ((x >> 16) & 1)) >> 16).astype(np.uint16)
+  return bf16_bits(rng.standard_normal(shape, dtype=np.float32) * np.float32(std))
 
 ONE_BF16 = np.uint16(0x3F80)
 
@@ -78,7 +65,7 @@ def make_real(out: Path) -> None:
                                                     "lm_head.weight": bf16_normal(rng, (V, D))}))
   for name, make in shards:
     t0, tensors = time.time(), make()
-    total += write_safetensors(folder / name, tensors, "BF16")
+    total += write_safetensors(folder / name, {k: to_raw(a, "BF16") for k, a in tensors.items()})
     weight_map.update({k: name for k in tensors})
     print(f"  {name}: {len(tensors)} tensors, {time.time() - t0:.1f} s", file=sys.stderr)
     del tensors

@@ -6,7 +6,7 @@
 
 What it does, in order:
   1. trains a byte-level BPE tokenizer on an equal share of the three domains (demo/data.py) -> tokenizer.json;
-  2. tokenises the domains with olmoe.Tokenizer (the tokenizer.json -> tiktoken path the real checkpoints use);
+  2. tokenises the domains with Tokenizer (the tokenizer.json -> tiktoken path the real checkpoints use);
   3. trains the model on CE + 0.01 * load balancing + 0.001 * router z-loss (the OLMoE paper's objective, the same
      formulas as olmoe.lm_loss), AdamW, linear warm-up then cosine decay; each batch row is a random window of one
      domain, the domain drawn uniformly, all from numpy's generator seeded with (seed, step): any step's batch can be
@@ -27,7 +27,7 @@ Everything the demo *runs* (generation, --show-routing, the analyses and figures
 (demo/build_flexolmo.py), whose experts are then trained by flexolmo.py's own train-expert and merged.
 """
 from __future__ import annotations
-import argparse, hashlib, json, math, os, shutil, struct, sys, time
+import argparse, hashlib, json, math, os, shutil, sys, time
 from dataclasses import asdict
 from pathlib import Path
 import numpy as np
@@ -36,6 +36,8 @@ from tinygrad.helpers import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "demo")]
 import olmoe                                    # noqa: E402
+from olmoe_checkpoint import to_raw, write_safetensors  # noqa: E402
+from olmoe_tokenizer import Tokenizer           # noqa: E402
 import data as D                                # noqa: E402
 
 
@@ -79,7 +81,7 @@ def next_token_ce(logits, x):
 
 # ================================================= the data =================================================
 
-def tokenize_domains(data_dir: Path, tok: olmoe.Tokenizer, domains: list[str], part: str) -> dict[str, np.ndarray]:
+def tokenize_domains(data_dir: Path, tok: Tokenizer, domains: list[str], part: str) -> dict[str, np.ndarray]:
   """Each domain's split as one int32 stream of token ids (documents separated by EOS)."""
   return {d: np.array(tok.encode(D.read_domain(data_dir, d, part)), dtype=np.int32) for d in domains}
 
@@ -105,24 +107,6 @@ def eval_windows(streams: dict[str, np.ndarray], T: int, n: int) -> dict[str, np
 
 
 # =============================================== checkpoints ===============================================
-
-def to_bf16_bytes(a: np.ndarray) -> bytes:
-  """fp32 -> bf16 with round-to-nearest-even (as torch does), as raw little-endian bytes."""
-  u = np.ascontiguousarray(a, np.float32).view(np.uint32).astype(np.uint64)
-  return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16).tobytes()
-
-def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str) -> None:
-  """A safetensors file with every tensor stored as F32 or BF16, in the given key order."""
-  header, blobs, off = {}, [], 0
-  for k, a in tensors.items():
-    b = to_bf16_bytes(a) if dtype == "BF16" else np.ascontiguousarray(a, np.float32).tobytes()
-    header[k] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [off, off + len(b)]}
-    blobs.append(b); off += len(b)
-  head = json.dumps(header, separators=(",", ":")).encode()
-  head += b" " * (-len(head) % 8)
-  with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(head)) + head)
-    for b in blobs: f.write(b)
 
 def hf_tensors(model, arch: str) -> dict[str, np.ndarray]:
   """The weights under transformers' on-disk names, with per-expert keys for OLMoE as in the released files: the
@@ -165,7 +149,7 @@ def save_model(model, arch: str, folder: Path, tokenizer: Path, dtype: str = "BF
   config = hf_config(model)
   config["dtype"] = config["torch_dtype"] = {"BF16": "bfloat16", "F32": "float32"}[dtype]
   (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-  write_safetensors(tmp / "model.safetensors", hf_tensors(model, arch), dtype)
+  write_safetensors(tmp / "model.safetensors", {k: to_raw(a, dtype) for k, a in hf_tensors(model, arch).items()})
   shutil.copy(tokenizer, tmp / "tokenizer.json")
   for name, obj in (extra or {}).items(): (tmp / name).write_text(json.dumps(obj, indent=1) + "\n")
   write_hashes(tmp)
@@ -218,12 +202,12 @@ def train(data_dir: Path, out: Path, work: Path, arch: str = "olmoe", domains: t
   if threads: torch.set_num_threads(threads)
   work.mkdir(parents=True, exist_ok=True)
   cfg_dict = {**ARCH, **(arch_overrides or {})}
-  # 1. tokenizer: trained once per work folder (or given), then always read back through olmoe.Tokenizer
+  # 1. tokenizer: trained once per work folder (or given), then always read back through Tokenizer
   tok_path = work / "tokenizer.json"
   if tokenizer is not None: shutil.copy(tokenizer, tok_path)
   elif not tok_path.exists():
     D.train_tokenizer([D.read_domain(data_dir, d, "train") for d in D.DOMAINS], cfg_dict["vocab_size"], tok_path)
-  tok = olmoe.Tokenizer.from_file(tok_path)
+  tok = Tokenizer.from_file(tok_path)
   if tok.vocab_size > cfg_dict["vocab_size"]: raise SystemExit(f"tokenizer has {tok.vocab_size} ids > vocab_size")
   # 2. data
   train_streams = tokenize_domains(data_dir, tok, list(domains), "train")

@@ -6,6 +6,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
+import olmoe_compiler                            # noqa: E402
+olmoe_compiler.use_cpu_target()                 # a CPU target clang can compile bf16 for, before tinygrad is imported
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b\n",
          "12 + 30 = 42; 7 * 6 = 42.", "Experts, routers and tokens: a mixture.", "  indented\tand   spaced  ",

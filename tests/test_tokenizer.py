@@ -1,11 +1,12 @@
-"""olmoe.Tokenizer (tokenizer.json run by tiktoken) against the `tokenizers` library reading the same file, and
+"""olmoe_tokenizer.Tokenizer (tokenizer.json run by tiktoken) against the `tokenizers` library reading the same file, and
 against tiktoken's own cl100k_base for OLMo 2's dolma2 layout."""
 import json
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from conftest import shared_fixture
 from tokenizer_fixtures import texts, make_trained_tokenizer_json, make_dolma2_tokenizer_json, cl100k, DOLMA2_SPECIALS
-from olmoe import Tokenizer, OlmoeError
+from olmoe import OlmoeError
+from olmoe_tokenizer import Tokenizer
 
 
 def assert_same_as_tokenizers(path, n=10_000, seed=0, specials=True):

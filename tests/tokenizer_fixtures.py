@@ -4,7 +4,7 @@ random texts that exercise the tricky corners (scripts, emoji, NFC, whitespace r
 import functools, json, random, unicodedata
 from pathlib import Path
 import pytest
-from olmoe import byte_level_alphabet
+from olmoe_tokenizer import byte_level_alphabet
 
 
 # ------------------------------------------------- texts -------------------------------------------------

@@ -1,0 +1,266 @@
+"""Checkpoints for olmoe.py and flexolmo.py: Hugging Face folders of safetensors files, read and written.
+
+Reading: `load_checkpoint` resolves a folder (or a hub repo id), reads config.json, maps transformers' tensor names
+to the model's (`hf_to_ours`: per-expert keys stacked into (E, out, in) tensors, gate and up fused) and reads every
+tensor from the file straight into its tinygrad buffer, one decoder layer at a time, so that peak memory stays near
+the size of the weights.
+
+Writing (FlexOlmo's recipe, the demo trainer, the benchmark's checkpoints): `Raw` tensors (dtype name, shape, bytes),
+`to_raw` for numpy arrays (fp32 rounded to bf16 by `bf16_bits`), and `write_safetensors`, which writes to a
+temporary name and renames, so that a file under the final name is always whole.
+
+Not handled: safetensors dtypes other than F32, BF16 and F16 (the model's weights come in those); pickled `.bin`
+checkpoints; GGUF.
+"""
+from __future__ import annotations
+import json, os, re, struct, tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
+import numpy as np
+from tinygrad import Device, Tensor, dtypes
+from tinygrad.dtype import DType
+from tinygrad.helpers import tqdm
+from olmoe import OlmoeError
+if TYPE_CHECKING:
+  from olmoe import Olmoe, OlmoeConfig
+  from olmoe_tokenizer import Tokenizer
+
+
+# ============================================= reading =============================================
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+  """The JSON header of a .safetensors file, checked against the file's size (catches truncated downloads), and the
+  byte offset where the tensor data starts (the header's `data_offsets` count from there)."""
+  try:
+    with open(path, "rb") as f:
+      (n,) = struct.unpack("<Q", f.read(8))
+      header = json.loads(f.read(n))
+  except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
+    raise OlmoeError(f"{path}: not a readable safetensors file ({e.__class__.__name__})") from None
+  end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+  if 8 + n + end > path.stat().st_size:
+    raise OlmoeError(f"{path}: truncated ({path.stat().st_size} bytes, the header promises {8 + n + end})")
+  return header, 8 + n
+
+def checkpoint_files(folder: Path) -> list[Path]:
+  """model.safetensors, or the shards named by model.safetensors.index.json."""
+  index = folder / "model.safetensors.index.json"
+  if index.exists():
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    missing = [s for s in shards if not (folder / s).exists()]
+    if missing: raise OlmoeError(f"{folder}: shard {missing[0]} named in model.safetensors.index.json is missing")
+    return [folder / s for s in shards]
+  if (folder / "model.safetensors").exists(): return [folder / "model.safetensors"]
+  raise OlmoeError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+SAFETENSORS_DTYPES = {"F32": dtypes.float32, "BF16": dtypes.bfloat16, "F16": dtypes.float16}
+
+class Stored(NamedTuple):
+  """A checkpoint tensor not read yet: its shape, its dtype, and `read_into(out)`, which fills a numpy array of that
+  shape (16-bit floats as their raw uint16 bits: numpy has no bfloat16). Loading reads each tensor from the file
+  straight into its tinygrad buffer, one decoder layer at a time: no mapped copy of the files, no copy in transit."""
+  shape: tuple[int, ...]
+  dtype: DType
+  read_into: Callable[[np.ndarray], None]
+
+def _np_dtype(dtype: DType) -> type: return np.float32 if dtype == dtypes.float32 else np.uint16
+
+def _file_reader(path: Path, offset: int) -> Callable[[np.ndarray], None]:
+  def read_into(out: np.ndarray) -> None:
+    buf = out if out.flags.c_contiguous else np.empty_like(out)
+    with open(path, "rb") as f:
+      f.seek(offset)
+      if f.readinto(memoryview(buf).cast("B")) != buf.nbytes: raise OlmoeError(f"{path}: file ends inside a tensor")
+    if buf is not out: out[...] = buf
+  return read_into
+
+def read_state_dict(folder: Path) -> dict[str, Stored]:
+  """Every tensor of the checkpoint (single file or shards) as a `Stored` record: headers read, no values."""
+  state: dict[str, Stored] = {}
+  for path in checkpoint_files(folder):
+    header, start = read_safetensors_header(path)
+    for key, v in header.items():
+      if key == "__metadata__": continue
+      if key.endswith("rotary_emb.inv_freq"): continue                    # a buffer some old files carry
+      if v["dtype"] not in SAFETENSORS_DTYPES: raise OlmoeError(f"{path}: tensor {key} has unsupported dtype {v['dtype']}")
+      read_into = _file_reader(path, start + v["data_offsets"][0])
+      state[key] = Stored(tuple(v["shape"]), SAFETENSORS_DTYPES[v["dtype"]], read_into)
+  return state
+
+def _stack(parts: list[Stored], axis: int = 0, new_axis: bool = True) -> Stored:
+  """Stored tensors stacked (or concatenated along `axis`), each part read into its slice of the output."""
+  if len({p.dtype for p in parts}) > 1: raise OlmoeError("checkpoint: experts stored in mixed dtypes")
+  sizes = [1 if new_axis else p.shape[axis] for p in parts]
+  shape = (len(parts), *parts[0].shape) if new_axis else \
+          tuple(sum(sizes) if d == axis else n for d, n in enumerate(parts[0].shape))
+  def read_into(out: np.ndarray) -> None:
+    for p, at in zip(parts, np.cumsum([0] + sizes)):
+      p.read_into(out[(slice(None),) * axis + ((at,) if new_axis else (slice(at, at + p.shape[axis]),))])
+  return Stored(shape, parts[0].dtype, read_into)
+
+EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+
+def hf_to_ours(state: dict[str, Stored | Tensor], cfg: OlmoeConfig) -> Iterator[tuple[str, Stored | Tensor]]:
+  """Map transformers' key names to ours: drop `model.`/`.weight`; stack per-expert weights (gate and up fused)."""
+  per_expert: dict[tuple[int, str], dict[int, Stored | Tensor]] = {}
+  for key, t in state.items():
+    if (m := EXPERT_KEY.fullmatch(key)):
+      per_expert.setdefault((int(m[1]), m[3]), {})[int(m[2])] = t
+    else:
+      yield key.removeprefix("model.").removesuffix(".weight"), t
+  for l in sorted({l for l, _ in per_expert}):
+    parts = {}
+    for part in ("gate_proj", "up_proj", "down_proj"):
+      got = per_expert.get((l, part), {})
+      if sorted(got) != list(range(cfg.num_experts)):
+        raise OlmoeError(f"checkpoint: layer {l} has {part} for {len(got)} experts, config says {cfg.num_experts}")
+      ws = [got[e] for e in range(cfg.num_experts)]
+      parts[part] = Tensor.stack(*ws) if isinstance(ws[0], Tensor) else _stack(ws)              # (E, out, in)
+    gu = [parts["gate_proj"], parts["up_proj"]]
+    yield (f"layers.{l}.mlp.experts.gate_up_proj",                                              # (E, 2I, D)
+           gu[0].cat(gu[1], dim=1) if isinstance(gu[0], Tensor) else _stack(gu, axis=1, new_axis=False))
+    yield f"layers.{l}.mlp.experts.down_proj", parts["down_proj"]                               # (E, D, I)
+
+def to_tensor(t: Stored | Tensor) -> Tensor:
+  """A Stored record read into a new tinygrad buffer in its stored dtype. On the CPU the file's bytes are read
+  into the buffer's own memory; other devices get a host array copied over."""
+  if isinstance(t, Tensor): return t
+  if hasattr(Device[Device.DEFAULT].allocator, "_as_buffer"):
+    out = Tensor.empty(*t.shape, dtype=t.dtype).realize()
+    mem = out.uop.buffer.ensure_allocated().as_memoryview(force_zero_copy=True)
+    t.read_into(np.frombuffer(mem, _np_dtype(t.dtype)).reshape(t.shape))
+    return out
+  t.read_into(a := np.empty(t.shape, _np_dtype(t.dtype)))
+  return Tensor(a) if t.dtype == dtypes.float32 else Tensor(a).bitcast(t.dtype)
+
+def load_weights(model: Olmoe, state: dict[str, Stored | Tensor], dtype: DType | None = None, progress: bool = True) -> None:
+  """Assign every checkpoint tensor to the model, checking names and shapes; read layer by layer from disk."""
+  ours = model.parameters()
+  got = dict(hf_to_ours(state, model.cfg))
+  if model.cfg.tie_word_embeddings: got.pop("lm_head", None)
+  unknown, missing = sorted(set(got) - set(ours)), sorted(set(ours) - set(got))
+  if unknown: raise OlmoeError(f"checkpoint: unexpected tensor {unknown[0]!r} (and {len(unknown) - 1} more)")
+  if missing: raise OlmoeError(f"checkpoint: missing tensor {missing[0]!r} (and {len(missing) - 1} more)")
+  for name, t in got.items():
+    if tuple(t.shape) != tuple(ours[name].shape):
+      raise OlmoeError(f"checkpoint: {name} has shape {tuple(t.shape)}, config implies {tuple(ours[name].shape)}")
+  dtype = dtype or got["embed_tokens"].dtype
+  if dtype not in (dtypes.float32, dtypes.bfloat16, dtypes.float16):
+    raise OlmoeError(f"unsupported weight dtype {dtype}")
+  groups: dict[str, list[str]] = {}                                        # read one decoder layer at a time
+  for name in got: groups.setdefault(".".join(name.split(".")[:2]) if name.startswith("layers.") else name, []).append(name)
+  for g in tqdm(list(groups), desc="loading", disable=not progress):
+    for name in groups[g]:
+      t = to_tensor(got[name])
+      _set(model, name, (t if t.dtype == dtype else t.cast(dtype)).contiguous().realize())
+  if model.cfg.tie_word_embeddings: model.lm_head = model.embed_tokens
+
+def _set(model: Olmoe, name: str, t: Tensor) -> None:
+  """Assign t to the model attribute that `name` (as in `Olmoe.parameters()`) stands for."""
+  *path, last = name.split(".")
+  obj = model
+  for p in path: obj = obj[int(p)] if p.isdigit() else getattr(obj, p)
+  setattr(obj, last, t)
+
+def resolve_model_dir(name: str) -> Path:
+  """A local folder, or a Hugging Face hub repo id fetched with huggingface_hub (needs a network)."""
+  p = Path(name).expanduser()
+  if p.is_dir(): return p
+  if p.exists(): raise OlmoeError(f"{name}: not a folder (expected config.json + safetensors + tokenizer.json)")
+  if name.count("/") != 1 or name.startswith((".", "/")): raise OlmoeError(f"{name}: no such folder")
+  try:
+    from huggingface_hub import snapshot_download
+  except ImportError:
+    raise OlmoeError(f"{name} is not a local folder; to download it, pip install huggingface_hub") from None
+  try:
+    return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
+  except Exception as e:  # the hub client raises many kinds (offline, 404, auth)
+    raise OlmoeError(f"could not download {name} from the Hugging Face hub ({e.__class__.__name__}); "
+                     f"download it elsewhere and pass --model DIR") from None
+
+def read_config(folder: Path) -> dict:
+  try: return json.loads((folder / "config.json").read_text())
+  except FileNotFoundError: raise OlmoeError(f"{folder}: no config.json") from None
+  except ValueError as e: raise OlmoeError(f"{folder}/config.json: invalid JSON ({e})") from None
+
+def load_checkpoint(name: str, config_cls: type, model_cls: type, dtype: DType | str | None = None,
+                    progress: bool = True) -> tuple[Olmoe, Tokenizer | None]:
+  """(model, tokenizer) from a folder holding config.json, safetensors (sharded or not) and tokenizer.json: the
+  config read by `config_cls.from_dict`, the model built by `model_cls(cfg)`, its weights read from the files.
+
+  Weights keep their stored dtype unless `dtype` is given ("float32" to compare with an fp32 reference)."""
+  from olmoe_tokenizer import Tokenizer
+  folder = resolve_model_dir(name)
+  cfg = config_cls.from_dict(read_config(folder))
+  model = model_cls(cfg)
+  load_weights(model, read_state_dict(folder), getattr(dtypes, dtype) if isinstance(dtype, str) else dtype, progress)
+  tok = Tokenizer.from_file(folder / "tokenizer.json") if (folder / "tokenizer.json").exists() else None
+  return model, tok
+
+
+# ============================================= writing =============================================
+
+class Raw(NamedTuple):
+  """A tensor as a safetensors file stores it: dtype name ("F32", "BF16", "F16"), shape, and its bytes (or any
+  C-contiguous array with those bytes, written without a copy)."""
+  dtype: str
+  shape: list[int]
+  data: bytes | np.ndarray
+
+  @property
+  def nbytes(self) -> int: return len(self.data) if isinstance(self.data, bytes) else self.data.nbytes
+
+def read_raw(folder: Path) -> dict[str, Raw]:
+  """Every tensor of a checkpoint (sharded or not) as its stored bytes, keyed by transformers' names."""
+  out: dict[str, Raw] = {}
+  for path in checkpoint_files(folder):
+    (header, start), blob = read_safetensors_header(path), path.read_bytes()
+    data = blob[start:]
+    for k, v in header.items():
+      if k != "__metadata__": out[k] = Raw(v["dtype"], list(v["shape"]), data[v["data_offsets"][0]:v["data_offsets"][1]])
+  return out
+
+NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16}
+
+def bf16_bits(a: np.ndarray) -> np.ndarray:
+  """fp32 -> bf16 bit patterns (uint16), rounded to the nearest even, as torch rounds (numpy has no bfloat16)."""
+  u = np.ascontiguousarray(a, np.float32).view(np.uint32).astype(np.uint64)
+  return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+def raw_to_numpy(t: Raw) -> np.ndarray:
+  """The tensor as a float32 array (bf16 widened exactly)."""
+  data = t.data if isinstance(t.data, bytes) else np.ascontiguousarray(t.data).tobytes()
+  if t.dtype == "BF16": return (np.frombuffer(data, np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(t.shape)
+  if t.dtype not in NUMPY_DTYPES: raise OlmoeError(f"unsupported tensor dtype {t.dtype}")
+  return np.frombuffer(data, NUMPY_DTYPES[t.dtype]).astype(np.float32).reshape(t.shape)
+
+def to_raw(a: np.ndarray, dtype: str) -> Raw:
+  """A float array stored as `dtype`: "F32", "F16", or "BF16" (rounded by `bf16_bits`; a uint16 array is taken as
+  bf16 bit patterns already)."""
+  if dtype == "BF16": bits = a if a.dtype == np.uint16 else bf16_bits(a)
+  elif dtype in NUMPY_DTYPES: bits = a.astype(NUMPY_DTYPES[dtype])
+  else: raise OlmoeError(f"unsupported tensor dtype {dtype}")
+  return Raw(dtype, list(a.shape), np.ascontiguousarray(bits))
+
+def write_safetensors(path: Path, tensors: dict[str, Raw], metadata: dict[str, str] | None = None) -> int:
+  """Write the tensors, in this key order, as one safetensors file (with `metadata` if given); returns the bytes of
+  tensor data. The file is written under a temporary name in the same folder and renamed: a file under `path` is
+  always complete."""
+  header: dict = {} if metadata is None else {"__metadata__": metadata}
+  offset = 0
+  for k, t in tensors.items():
+    header[k] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+    offset += t.nbytes
+  head = json.dumps(header, separators=(",", ":")).encode()
+  head += b" " * (-len(head) % 8)                                # the data section starts 8-byte aligned
+  path = Path(path)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(struct.pack("<Q", len(head)) + head)
+      for t in tensors.values(): f.write(t.data if isinstance(t.data, bytes) else memoryview(np.ascontiguousarray(t.data)).cast("B"))
+    os.replace(tmp, path)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
+  return offset

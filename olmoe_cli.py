@@ -1,0 +1,73 @@
+"""The command line shared by `python olmoe.py` and `python flexolmo.py`: options, checks, streamed output.
+
+Bad input (an impossible request, a missing or malformed model folder) ends in one line on stderr and exit code 2,
+checked before any model is loaded where it can be.
+"""
+from __future__ import annotations
+import argparse, sys
+from pathlib import Path
+from typing import Callable
+from olmoe import OlmoeError, Step, generate
+from olmoe_tokenizer import TextStream
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(prog=prog, description="Generate text with a mixture-of-experts language model.")
+  ap.add_argument("--prompt", required=True, action="append", help="text to continue (repeat for a batch)")
+  ap.add_argument("--model", default=None, help="folder with config.json + safetensors + tokenizer.json, or a hub repo id")
+  ap.add_argument("--max-new-tokens", type=int, default=64)
+  ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+  ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+  ap.add_argument("--seed", type=int, default=None)
+  ap.add_argument("--show-routing", action="store_true", help="print each generated token's experts per layer")
+  return ap
+
+def check_request(args) -> None:
+  """Reject impossible requests before spending time on loading a model."""
+  if args.max_new_tokens <= 0: raise OlmoeError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+  if any(not p for p in args.prompt): raise OlmoeError("empty prompt")
+  if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+    raise OlmoeError("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+
+def default_model(demo: Path, real: str) -> str:
+  """The bundled demo model when no --model is given (saying so), or a clear error saying how to get one."""
+  if not (demo / "config.json").exists():
+    raise OlmoeError(f"no model: pass --model DIR (config.json + safetensors + tokenizer.json) or --model {real}")
+  print(f"[running the bundled demo model {demo.parent.name}/{demo.name}; for the real one: --model {real}]",
+        file=sys.stderr)
+  return str(demo)
+
+def show_routing(step: Step, names: list[str] | None = None, row: int = 0) -> str:
+  """One line per layer: the token's k experts (ids, or names) with their weights, e.g. `L3   12 .31 | 40 .12 | ...`."""
+  name = (lambda e: names[e]) if names else str
+  return "\n".join(f"  L{l:<3}" + " | ".join(f"{name(int(e))} {w:.2f}".replace(" 0.", " .") for e, w in
+                                             zip(step.experts[l, row], step.weights[l, row])) for l in range(step.experts.shape[0]))
+
+def run_cli(args, model, tok, expert_names: list[str] | None = None) -> None:
+  """Encode the prompts and stream the first one's continuation; other prompts of a batch print at the end."""
+  check_request(args)
+  if tok is None: raise OlmoeError("the model folder has no tokenizer.json")
+  prompts = [tok.encode(p) for p in args.prompt]
+  streams, texts, done = [TextStream(tok) for _ in prompts], ["" for _ in prompts], [False for _ in prompts]
+  print(args.prompt[0], end="", flush=True)
+  for step in generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                       with_routing=args.show_routing):
+    for b, t in enumerate(step.tokens):
+      if done[b] or t in model.cfg.eos_ids:
+        done[b] = True
+        continue
+      piece = streams[b].push(t)
+      texts[b] += piece
+      if b == 0: print(piece, end="", flush=True)
+    if args.show_routing and not done[0]: print("\n" + show_routing(step, expert_names), flush=True)
+  print(streams[0].flush(), flush=True)
+  for p, t, s in list(zip(args.prompt, texts, streams))[1:]: print(f"--- {p}{t}{s.flush()}")
+
+def exit_code(run: Callable[[], None]) -> int:
+  """Run a command: 0 when it succeeds, 2 with one `error: ...` line on stderr when it raises OlmoeError."""
+  try: run()
+  except OlmoeError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0

@@ -1,0 +1,69 @@
+"""A check of tinygrad's CPU compiler on this machine, run before the first kernel is compiled.
+
+tinygrad compiles CPU kernels with `clang -march=native`. On x86 CPUs with AVX512-BF16 and AVX10.1 (Intel Sapphire
+Rapids and later), clang 19 never finishes some bf16 kernels, e.g. four neighbouring bf16 stores of a constant (the
+zero-fill of a bf16 KV cache): it runs until its memory is exhausted. Turning those two CPU features off for the
+compiler avoids it; bf16 values are then converted with integer instructions, as on any other CPU.
+
+`cpu_target()` compiles that kernel once with a time limit (only on CPUs that have the features) and returns the
+tinygrad device target that avoids the hang, or None when none is needed. The verdict is kept in a small file per
+compiler and CPU, so later processes do not probe again. `use_cpu_target()` makes this process's tinygrad use it,
+unless `DEV` is already set. This module does not import tinygrad.
+"""
+from __future__ import annotations
+import hashlib, json, os, platform, shutil, subprocess, tempfile
+from pathlib import Path
+
+PROBE = """void probe(__bf16* restrict out) {
+  for (int i = 0; i < 16384; i++) {
+    out[4*i+1] = (__bf16)(0.0f); out[4*i+2] = (__bf16)(0.0f); out[4*i+3] = (__bf16)(0.0f); out[4*i] = (__bf16)(0.0f);
+  }
+}
+"""
+FEATURES_OFF = ("avx512bf16", "avx10.1-256")      # clang feature names; tinygrad's arch string turns each off
+TARGET = "CPU:CLANG:x86_64,native," + ",".join("-" + f for f in FEATURES_OFF)
+PROBE_SECONDS = 10.0                               # the probe compiles in well under 0.1 s where clang is fine
+
+def _cpu_flags() -> set[str]:
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("flags"): return set(line.split(":", 1)[1].split())
+  except OSError: pass
+  return set()
+
+def _compiles(args: list[str]) -> bool:
+  """Whether clang compiles the probe with these flags within PROBE_SECONDS."""
+  cmd = [os.environ.get("CC", "clang"), "-c", "-x", "c", "-O2", "-ffreestanding", "-nostdlib",
+         "--target=x86_64-none-unknown-elf", *args, "-", "-o", os.devnull]
+  try:
+    return subprocess.run(cmd, input=PROBE.encode(), capture_output=True, timeout=PROBE_SECONDS).returncode == 0
+  except (OSError, subprocess.TimeoutExpired): return False
+
+def cpu_target() -> str | None:
+  """The tinygrad target (a `DEV` value) that avoids clang's bf16 hang on this machine, or None if none is needed."""
+  if platform.machine().lower() not in ("x86_64", "amd64") or "avx512_bf16" not in (flags := _cpu_flags()): return None
+  cc = shutil.which(os.environ.get("CC", "clang"))
+  if cc is None: return None                       # no compiler at all: tinygrad says so itself
+  try: version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+  except (OSError, subprocess.TimeoutExpired): return None
+  key = hashlib.sha256(json.dumps([cc, version, sorted(flags)]).encode()).hexdigest()[:16]
+  cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "tinygrad" / f"olmoe-clang-{key}.json"
+  try: return json.loads(cache.read_text())["target"]
+  except (OSError, ValueError, KeyError, TypeError): pass
+  target = None if _compiles(["-march=native"]) else TARGET
+  try:                                             # keep the verdict; a read-only folder only costs the probe again
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f: json.dump({"target": target}, f)
+    os.replace(tmp, cache)
+  except OSError: pass
+  return target
+
+def use_cpu_target() -> str | None:
+  """Unless DEV is set, point this process's tinygrad (and its child processes) at `cpu_target()`; returns it."""
+  if os.environ.get("DEV") or (target := cpu_target()) is None: return None
+  os.environ["DEV"] = target                       # read by tinygrad when it is imported, and by child processes
+  import sys
+  if "tinygrad.helpers" in sys.modules:            # already imported: set its DEV for the kernels still to compile
+    sys.modules["tinygrad.helpers"].DEV.value = target
+  return target
