@@ -28,6 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "demo")]
 import olmoe, flexolmo           # noqa: E402
+from olmoe_tokenizer import Tokenizer   # noqa: E402
 import data as D                 # noqa: E402
 import train                     # noqa: E402
 
@@ -51,7 +52,7 @@ def cross_entropy(model, windows: np.ndarray, batch: int = 8) -> float:
 
 def evaluate(build: Path, merged: Path, data: Path) -> dict:
   """Cross-entropy per domain of every variant (rows) on every domain (columns)."""
-  tok = olmoe.Tokenizer.from_file(merged / "tokenizer.json")
+  tok = Tokenizer.from_file(merged / "tokenizer.json")
   windows = train.eval_windows(train.tokenize_domains(data, tok, list(D.DOMAINS), "valid"), 128, 16)   # as train.py evaluates
   variants = [("public only", merged, ["public"], None)]
   variants += [(f"public + {o}", build / o, None, None) for o in OWNERS]

@@ -1,15 +1,18 @@
 """MkDocs hooks (mkdocs.yml `hooks:`) that keep the site tied to the code it explains.
 
-1. Source pages: olmoe.py, flexolmo.py and demo/analysis.py are published as `source/<stem>.md`, one code block
-   whose line numbers are anchors (`#L120`; `#L120-L135` highlights a range, see assets/source-lines.js).
+1. Source pages: the model files (olmoe.py, flexolmo.py), the modules beside them (olmoe_tokenizer.py,
+   olmoe_checkpoint.py, olmoe_cli.py, olmoe_speedups.py, olmoe_compiler.py) and demo/analysis.py are published as
+   `source/<stem>.md`, one code block whose line numbers are anchors (`#L120`; `#L120-L135` highlights a range, see
+   assets/source-lines.js).
 2. Code links: in a page, `[route()](olmoe.py#route)` becomes a link to the lines of `route` in the source page,
-   found with `ast` when the site is built, so links follow the code when it moves. A dotted name reaches methods and
-   class fields (`olmoe.py#SparseMoeBlock.__call__`, `olmoe.py#OlmoeConfig.norm_topk_prob`); a banner section name
-   reaches a whole section (`olmoe.py#losses`). A name that does not exist fails the build.
+   found with `ast` when the site is built, so links follow the code when it moves; every published file works the
+   same way (`[hf_to_ours](olmoe_checkpoint.py#hf_to_ours)`). A dotted name reaches methods and class fields
+   (`olmoe.py#SparseMoeBlock.__call__`, `olmoe.py#OlmoeConfig.norm_topk_prob`); a banner section name reaches a whole
+   section (`olmoe.py#losses`). A name that does not exist fails the build.
 3. Snippet output: a line `{{ output: snippets/x.py }}` runs docs/snippets/x.py (from the repository root, as the
    tests do) and shows what it printed; `{{ markdown: snippets/x.py }}` inserts the printed text as Markdown (tables).
-   Outputs are cached by the content of the snippet and of the files it depends on (the modules it imports, demo/
-   and models/ when it uses them). A snippet that needs a
+   Outputs are cached by the content of the snippet and of the files it depends on (the project's modules when it
+   imports one of them, demo/ and models/ when it uses them). A snippet that needs a
    file (a line `# requires: models/olmoe-demo/config.json`) shows a note instead while the file does not exist.
 4. Demo material: `{{ include: demo/RESULTS.md }}` inserts that file when it exists; `{{ figure: NAME.png | caption }}`
    shows a figure that demo/figures.py draws into the site at build time. Where they do not exist yet the page
@@ -22,7 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-SOURCES = ("olmoe.py", "flexolmo.py", "demo/analysis.py")   # published as source/<stem>.md
+MODULES = ("olmoe.py", "flexolmo.py", "olmoe_tokenizer.py", "olmoe_checkpoint.py", "olmoe_cli.py", "olmoe_speedups.py",
+           "olmoe_compiler.py")                               # the project's modules, the model files first
+SOURCES = (*MODULES, "demo/analysis.py")                      # published as source/<stem>.md
 CACHE = Path(tempfile.gettempdir()) / "olmoe-tinygrad-docs"
 log = logging.getLogger("mkdocs.hooks.olmoe_docs")
 
@@ -30,10 +35,15 @@ log = logging.getLogger("mkdocs.hooks.olmoe_docs")
 # ============================================ code links ============================================
 
 def _named_nodes(body) -> dict[str, ast.AST]:
-  """Definitions in a module or class body by name: functions, classes, assignments, annotated fields."""
+  """Definitions in a module or class body by name: functions, classes, assignments, annotated fields, also those
+  made under an `if` or a `try` (`if _IMPORTED: class ...`)."""
   out: dict[str, ast.AST] = {}
   for node in body:
-    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)): out[node.name] = node
+    if isinstance(node, (ast.If, ast.Try)):
+      handlers = [h.body for h in getattr(node, "handlers", [])]
+      for part in (node.body, node.orelse, *handlers, getattr(node, "finalbody", [])):
+        for name, inner in _named_nodes(part).items(): out.setdefault(name, inner)
+    elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)): out[node.name] = node
     elif isinstance(node, ast.Assign):
       for t in node.targets:
         if isinstance(t, ast.Name): out[t.id] = node
@@ -110,15 +120,16 @@ def _files(folder: str) -> list[Path]:
                 and p.suffix not in (".png", ".svg", ".pyc"))
 
 def dependencies(path: Path) -> list[Path]:
-  """The repository files a snippet's output can depend on: the project modules it imports (flexolmo.py builds on
-  olmoe.py), demo/ if it imports from there, and the bundled models (and the code that runs them) if it names one."""
+  """The repository files a snippet's output can depend on: every project module if it imports one (they import
+  each other: flexolmo.py builds on olmoe.py, loading goes through olmoe_checkpoint.py, generation through
+  olmoe_speedups.py), demo/ if it imports from there, and the bundled models (and the code that runs them) if it
+  names one."""
   text = path.read_text(encoding="utf-8")
   imported = {a.name.split(".")[0] for node in ast.walk(ast.parse(text)) if isinstance(node, (ast.Import, ast.ImportFrom))
                for a in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
   uses_models = "models/" in text
   deps = []
-  if imported & {"olmoe", "flexolmo"} or uses_models: deps.append(ROOT / "olmoe.py")
-  if "flexolmo" in imported or uses_models: deps.append(ROOT / "flexolmo.py")
+  if imported & {Path(m).stem for m in MODULES} or uses_models: deps += [ROOT / m for m in MODULES]
   if "demo" in imported or uses_models: deps += _files("demo")
   if uses_models: deps += _files("models")
   for name in sorted(imported):                        # another snippet it imports, and what that one uses
@@ -217,7 +228,7 @@ MARKER = re.compile(r"^([ \t]*)\{\{\s*(output|markdown|include|figure):\s*(.+?)\
 def on_pre_build(config, **kw):
   snippets = str(DOCS / "snippets")
   for name, mod in list(sys.modules.items()):    # `mkdocs serve`: snippets see the code as it is now
-    if name in ("olmoe", "flexolmo", "demo") or name.startswith("demo.") or \
+    if name in {Path(m).stem for m in MODULES} | {"demo"} or name.startswith("demo.") or \
        str(getattr(mod, "__file__", None) or "").startswith(snippets): del sys.modules[name]
   _parsed.cache_clear()
   STATE["anchors"] = {Path(s).stem: set() for s in SOURCES}   # line ranges the pages link to, per source page

@@ -19,8 +19,9 @@ def moe_with_capacity(block, x, capacity_factor):
     for n in range(N):
       if load[idx[n, s]] < capacity:
         keep[n, s], load[idx[n, s]] = 1.0, load[idx[n, s]] + 1
-  y = olmoe.expert_ffn(h, i, block.experts_gate_up_proj, block.experts_down_proj,
-                       cfg.intermediate_size)                      # (N, k, D)
+  x = h.unsqueeze(1).expand(N, k, D).reshape(N * k, D)  # one row per (token, slot)
+  y = olmoe.expert_ffn(x, i.reshape(N * k), block.experts.gate_up_proj,
+                       block.experts.down_proj).reshape(N, k, D)   # (N, k, D)
   y = (y * (g * Tensor(keep)).unsqueeze(-1)).sum(1)                 # dropped: weight 0
   return y.reshape(B, T, D), 1 - keep.mean()
 
@@ -31,8 +32,8 @@ cfg = olmoe.OlmoeConfig(hidden_size=16, intermediate_size=32,
                         num_experts=8, num_experts_per_tok=2)
 block = olmoe.SparseMoeBlock(cfg)
 block.gate = randn(8, 16) + Tensor.eye(8, 16) * 2       # a router with favourites
-block.experts_gate_up_proj = randn(8, 64, 16, scale=0.3)
-block.experts_down_proj = randn(8, 16, 32, scale=0.3)
+block.experts.gate_up_proj = randn(8, 64, 16, scale=0.3)
+block.experts.down_proj = randn(8, 16, 32, scale=0.3)
 x = randn(4, 16, 16) + 0.5                              # 64 tokens
 dropless, _ = block(x)
 for cf in (0.5, 1.0, 1.25, 2.0, cfg.num_experts / cfg.num_experts_per_tok):

@@ -3,7 +3,7 @@
 from dataclasses import replace
 import numpy as np
 from tinygrad import Tensor
-import olmoe
+import olmoe, olmoe_checkpoint
 
 rng = np.random.default_rng(0)
 cfg = olmoe.OlmoeConfig(vocab_size=128, hidden_size=32, intermediate_size=32,
@@ -13,7 +13,8 @@ model = olmoe.Olmoe(cfg)                 # random weights (or the bundled model)
 weights = {name: rng.normal(1.0 if "norm" in name else 0.0,
                             0.1 if "norm" in name else 0.2, w.shape).astype(np.float32)
            for name, w in model.parameters().items()}
-olmoe.load_weights(model, {n: Tensor(w) for n, w in weights.items()}, progress=False)
+olmoe_checkpoint.load_weights(model, {n: Tensor(w) for n, w in weights.items()},
+                              progress=False)
 ids = Tensor(rng.integers(0, cfg.vocab_size, (4, 16)))
 
 logits, routing = model(ids, return_routing=True)

@@ -20,8 +20,8 @@ def moe_of_copies(E, k):
                           num_experts=E, num_experts_per_tok=k)
   block = olmoe.SparseMoeBlock(cfg)
   block.gate = randn(E, D)                                    # (E, D): W_r
-  block.experts_gate_up_proj = W_gate.cat(W_up).unsqueeze(0).repeat(E, 1, 1)
-  block.experts_down_proj = W_down.unsqueeze(0).repeat(E, 1, 1)
+  block.experts.gate_up_proj = W_gate.cat(W_up).unsqueeze(0).repeat(E, 1, 1)
+  block.experts.down_proj = W_down.unsqueeze(0).repeat(E, 1, 1)
   return block                           # (E, 2I, D) fused [gate; up], (E, D, I)
 
 dense = swiglu(x).numpy()
