@@ -18,8 +18,11 @@ of that same call (`decode_first_tok_s`, which includes the capture of the compi
 the 64th); then prefill = median of 5 calls of generate with 1 new token on the same 32-token prompt. The ours worker
 calls only `olmoe.load(folder, dtype=..., progress=False)` and `olmoe.generate(model, [ids], n, stop_ids=())`, with
 the checkout's folder first on sys.path: whatever that olmoe.py turns on by itself is what is timed.
+`--before-env KEY=VALUE` sets a variable for the before processes only (`--before . --before-env OLMOE_SPEEDUPS=0`
+compares this checkout with and without olmoe_speedups.py).
 
 python bench/run.py small-fp32 [small-bf16 real-bf16 demo] [--rounds 3] [--new 64] [--ours-only] [--before DIR]
+                    [--before-env KEY=VALUE]
 """
 import argparse, json, os, shutil, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -107,8 +110,9 @@ def worker_hf(folder: str, dtype: str, new: int, prefill_reps: int) -> dict:
 def weight_gib(folder: Path) -> float:
   return sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**30
 
-def spawn(kind: str, folder: Path, dtype: str, new: int, reps: int, cachedb: str | None, root: Path = ROOT) -> dict:
-  env = dict(os.environ, **({"CACHEDB": cachedb} if cachedb else {}))
+def spawn(kind: str, folder: Path, dtype: str, new: int, reps: int, cachedb: str | None, root: Path = ROOT,
+          extra_env: dict[str, str] | None = None) -> dict:
+  env = dict(os.environ, **({"CACHEDB": cachedb} if cachedb else {}), **(extra_env or {}))
   cmd = [sys.executable, __file__, "--worker", kind, "--folder", str(folder), "--dtype", dtype, "--new", str(new),
          "--prefill-reps", str(reps), "--root", str(root)]
   r = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -139,7 +143,8 @@ def round_order(r: int, with_hf: bool, with_before: bool) -> list[str]:
 METRICS = (("prefill_s", "s"), ("decode_tok_s", "tok/s"), ("decode_first_tok_s", "tok/s"), ("ttft_cold_s", "s"),
            ("ttft_warm_s", "s"), ("import_s", "s"), ("load_s", "s"), ("peak_rss_gib", "GiB"))
 
-def bench(name: str, rounds: int, new: int, reps: int, with_hf: bool = True, before: Path | None = None) -> dict:
+def bench(name: str, rounds: int, new: int, reps: int, with_hf: bool = True, before: Path | None = None,
+          before_env: dict[str, str] | None = None) -> dict:
   folder = checkpoint(name)
   dtype = "bfloat16" if name.endswith("bf16") or name == "demo" else "float32"
   kinds = ["ours_cold", "hf", "ours_warm"] + (["before_cold", "before_warm"] if before else [])
@@ -153,7 +158,7 @@ def bench(name: str, rounds: int, new: int, reps: int, with_hf: bool = True, bef
         loads.append(load_avg())
         res = (spawn("hf", folder, dtype, new, reps, None) if kind == "hf" else
                spawn("ours", folder, dtype, new, reps, os.path.join(caches[impl], "cache.db"),
-                     before if impl == "before" else ROOT))
+                     before if impl == "before" else ROOT, before_env if impl == "before" else None))
         runs[kind].append(res)
         print(f"  [{name} round {r + 1}/{rounds}] {kind:11s} " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else
               f"{k}={v}" for k, v in res.items()) + f" load1={loads[-1]:.2f}", flush=True)
@@ -171,33 +176,38 @@ def bench(name: str, rounds: int, new: int, reps: int, with_hf: bool = True, bef
   summary = {"config": name, "rounds": rounds, "commit": commit(ROOT), "dev": os.environ.get("DEV", ""),
              "weights_gib": weight_gib(folder),
              "load1_median": statistics.median(loads), **{k: (ours[k], hf[k]) for k, _ in METRICS}}
-  if before: summary.update(before_dir=str(before), before_commit=commit(before), before=summary_of("before"))
+  if before: summary.update(before_dir=str(before), before_commit=commit(before), before=summary_of("before"),
+                            before_env=before_env or {})
   return summary
 
 def table(rows: list[dict]) -> str:
-  """Markdown: olmoe.py against transformers; with a before checkout, before, after and transformers side by side."""
+  """Markdown: olmoe.py against transformers; with a before checkout, before, after and transformers side by side
+  (a column of "-" where transformers was not run)."""
   label = lambda key, unit: f"{key.removesuffix('_s').removesuffix('_gib')} ({unit})"
+  num = lambda v, fmt=".3f", unit="": "-" if v != v else f"{v:{fmt}}{unit}"      # v != v: NaN, not measured
   if not any("before" in s for s in rows):
     out = ["| config | metric | olmoe.py | transformers | ours / theirs |", "|---|---|---|---|---|"]
     for s in rows:
       for key, unit in METRICS:
         a, b = s[key]
-        out.append(f"| {s['config']} | {label(key, unit)} | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
+        out.append(f"| {s['config']} | {label(key, unit)} | {num(a)} | {num(b)} | {num(a / b, '.2f', 'x')} |")
       w, (a, b) = s["weights_gib"], s["peak_rss_gib"]
       out.append(f"| {s['config']} | weights (GiB) / median load1 | {w:.2f} | load {s['load1_median']:.2f} "
-                 f"| RSS/weights {a / w:.2f} vs {b / w:.2f} |")
+                 f"| RSS/weights {num(a / w, '.2f')} vs {num(b / w, '.2f')} |")
     return "\n".join(out)
   out = ["| config | metric | before | after | transformers | after / transformers | before / transformers |",
          "|---|---|---|---|---|---|---|"]
   for s in rows:
     for key, unit in METRICS:
       (a, h), b = s[key], s.get("before", {}).get(key, float("nan"))
-      out.append(f"| {s['config']} | {label(key, unit)} | {b:.3f} | {a:.3f} | {h:.3f} | {a / h:.2f}x | {b / h:.2f}x |")
+      out.append(f"| {s['config']} | {label(key, unit)} | {num(b)} | {num(a)} | {num(h)} | {num(a / h, '.2f', 'x')} "
+                 f"| {num(b / h, '.2f', 'x')} |")
     w, (a, h), b = s["weights_gib"], s["peak_rss_gib"], s.get("before", {}).get("peak_rss_gib", float("nan"))
     out.append(f"| {s['config']} | peak RSS / weights ({w:.2f} GiB; median load1 {s['load1_median']:.2f}) "
-               f"| {b / w:.2f} | {a / w:.2f} | {h / w:.2f} | | |")
-  commits = {(s["before_commit"], s["commit"]) for s in rows if "before" in s}
-  return "\n".join(out + [f"\nbefore: {b}, after: {a}" for b, a in sorted(commits)])
+               f"| {num(b / w, '.2f')} | {num(a / w, '.2f')} | {num(h / w, '.2f')} | | |")
+  commits = {(s["before_commit"], " ".join(f"{k}={v}" for k, v in s.get("before_env", {}).items()), s["commit"])
+             for s in rows if "before" in s}
+  return "\n".join(out + [f"\nbefore: {b}{' with ' + e if e else ''}, after: {a}" for b, e, a in sorted(commits)])
 
 
 if __name__ == "__main__":
@@ -211,6 +221,9 @@ if __name__ == "__main__":
   ap.add_argument("--before", type=Path, metavar="DIR", help="another checkout of this repository (for example "
                   "`git worktree add /tmp/olmoe-before <commit>`): its olmoe.py is timed too, cold and warm, "
                   "with caches of its own, and the table shows before, after and transformers side by side")
+  ap.add_argument("--before-env", action="append", default=[], metavar="KEY=VALUE", help="an environment variable "
+                  "for the before processes only; with it, --before may name this checkout itself, e.g. "
+                  "`--before . --before-env OLMOE_SPEEDUPS=0` times olmoe.py without its runtime accelerations")
   ap.add_argument("--worker", choices=["ours", "hf"])
   ap.add_argument("--folder"); ap.add_argument("--dtype"); ap.add_argument("--root", default=str(ROOT))
   a = ap.parse_args()
@@ -223,13 +236,16 @@ if __name__ == "__main__":
     a.before = a.before.resolve()
     if not ((a.before / "olmoe.py").is_file() or (a.before / "olmoe" / "__init__.py").is_file()):
       ap.error(f"--before {a.before}: no olmoe.py there")
-    if a.before == ROOT: ap.error("--before names this checkout itself")
+    if a.before == ROOT and not a.before_env: ap.error("--before names this checkout itself (without --before-env)")
+  if any("=" not in kv for kv in a.before_env): ap.error("--before-env takes KEY=VALUE")
+  before_env = dict(kv.split("=", 1) for kv in a.before_env)
   cpu_target()
   print(f"# {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} cores, load {os.getloadavg()}; "
         f"{'after' if a.before else 'olmoe.py at'} {commit(ROOT)}"
         + (f", before {commit(a.before)} ({a.before})" if a.before else "")
+        + (f" with {' '.join(a.before_env)}" if a.before_env else "")
         + (f"; DEV={os.environ['DEV']}" if os.environ.get("DEV") else ""), flush=True)
-  rows = [bench(c, a.rounds, a.new, a.prefill_reps, not a.ours_only, a.before) for c in a.configs]
+  rows = [bench(c, a.rounds, a.new, a.prefill_reps, not a.ours_only, a.before, before_env) for c in a.configs]
   print(table(rows))
   (HERE / "out").mkdir(exist_ok=True)
   with open(HERE / "out" / "results.jsonl", "a") as f:

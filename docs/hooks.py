@@ -226,6 +226,9 @@ STATE: dict = {}
 MARKER = re.compile(r"^([ \t]*)\{\{\s*(output|markdown|include|figure):\s*(.+?)\s*\}\}[ \t]*$", re.M)
 
 def on_pre_build(config, **kw):
+  if str(ROOT) not in sys.path: sys.path.append(str(ROOT))
+  import olmoe_compiler                          # snippets and figures compile kernels: a target clang can finish
+  olmoe_compiler.use_cpu_target()
   snippets = str(DOCS / "snippets")
   for name, mod in list(sys.modules.items()):    # `mkdocs serve`: snippets see the code as it is now
     if name in {Path(m).stem for m in MODULES} | {"demo"} or name.startswith("demo.") or \

@@ -14,8 +14,9 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    re
          "Ünïcödé, 日本語, emoji 🙂 and more."] * 20
 
 
-def make_tokenizer_json(path: Path, vocab_size: int = 300) -> Path:
-  """Train a small byte-level BPE with the `tokenizers` library and save it as tokenizer.json."""
+def train_byte_level_bpe(texts, vocab_size: int):
+  """A byte-level BPE with an NFC normalizer, trained by the `tokenizers` library; ids 0 and 1 are the specials
+  `<|endoftext|>` and `<|padding|>`."""
   from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, decoders, trainers
   tok = Tokenizer(models.BPE())
   tok.normalizer = normalizers.NFC()
@@ -23,8 +24,13 @@ def make_tokenizer_json(path: Path, vocab_size: int = 300) -> Path:
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"],
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-  tok.train_from_iterator(TEXTS, trainer)
-  tok.save(str(path / "tokenizer.json"))
+  tok.train_from_iterator(texts, trainer)
+  return tok
+
+
+def make_tokenizer_json(path: Path, vocab_size: int = 300) -> Path:
+  """Train a small byte-level BPE on TEXTS and save it as tokenizer.json in `path`."""
+  train_byte_level_bpe(TEXTS, vocab_size).save(str(path / "tokenizer.json"))
   return path / "tokenizer.json"
 
 

@@ -61,14 +61,9 @@ def texts(n: int, seed: int, specials: bool = True) -> list[str]:
 def make_trained_tokenizer_json(path: Path, vocab_size: int = 2000, added: list[dict] | None = None) -> Path:
   """A byte-level BPE (NFC normalizer) trained by `tokenizers` on random texts, with special tokens and (non-special,
   normalized) added tokens such as whitespace runs, as GPT-NeoX/OLMoE have; saved as `path` (a tokenizer.json)."""
-  from tokenizers import Tokenizer, AddedToken, models, normalizers, pre_tokenizers, decoders, trainers
-  tok = Tokenizer(models.BPE())
-  tok.normalizer = normalizers.NFC()
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|padding|>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-  tok.train_from_iterator(texts(4000, seed=1234, specials=False), trainer)
+  from tokenizers import AddedToken
+  from conftest import train_byte_level_bpe
+  tok = train_byte_level_bpe(texts(4000, seed=1234, specials=False), vocab_size)
   tok.add_tokens([AddedToken(" " * n, normalized=True, special=False) for n in (8, 4, 3, 2)])
   tok.add_tokens([AddedToken("e\u0301té", normalized=True, special=False)])   # matched as NFC "été"
   tok.add_special_tokens([AddedToken("<|unk|>", normalized=False, special=True)])
