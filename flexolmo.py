@@ -273,10 +273,13 @@ def train_expert(public: Path, data: list[Path], out: Path, name: str, steps: in
     opt.step()
     return loss.realize()
   rng, losses = np.random.default_rng(seed), []
-  with Context(TRAINING=1):
-    for _ in (bar := tqdm(range(steps), desc=f"train {name}", disable=not progress)):
-      losses.append(step(Tensor(windows[rng.integers(0, len(windows), batch)])).item())
-      bar.set_description(f"train {name} loss {losses[-1]:.3f}")
+  run = olmoe.step_runner()                     # the compiled step as generate runs its own (olmoe_speedups)
+  try:
+    with Context(TRAINING=1):
+      for _ in (bar := tqdm(range(steps), desc=f"train {name}", disable=not progress)):
+        losses.append(run(step, Tensor(windows[rng.integers(0, len(windows), batch)])).item())
+        bar.set_description(f"train {name} loss {losses[-1]:.3f}")
+  finally: run.finish()
   # write: frozen tensors as the input's bytes; expert 1 and the router in the public model's dtype
   dt = public_expert(raw, config, 0, "up_proj").dtype
   I = cfg.intermediate_size

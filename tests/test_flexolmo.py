@@ -108,6 +108,8 @@ def test_expert_names_select_experts(tmp_path):
   assert model.expert_mask.numpy().tolist() == [True, False, True] and model.top_k == 2
   assert model.select_experts(opt_out=["math", "code"]) == ["public"] and model.top_k == 1
   assert model.select_experts(["2", "math"]) == ["math", "code"]                 # indices work as names too
+  assert model.select_experts([0, 2]) == ["public", "code"]                       # and as ints
+  with pytest.raises(flexolmo.OlmoeError, match="unknown expert 3"): model.select_experts([3])
   assert model.select_experts() == ["public", "math", "code"] and model.expert_mask is None and model.top_k == 2
   with pytest.raises(flexolmo.OlmoeError, match="unknown expert 'poetry'"): model.select_experts(["poetry"])
   with pytest.raises(flexolmo.OlmoeError, match="every expert is excluded"): model.select_experts(opt_out=["0", "1", "2"])
