@@ -13,7 +13,7 @@ Not handled: safetensors dtypes other than F32, BF16 and F16 (the model's weight
 checkpoints; GGUF.
 """
 from __future__ import annotations
-import json, os, re, struct, tempfile
+import json, math, os, re, struct, tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 import numpy as np
@@ -28,18 +28,43 @@ if TYPE_CHECKING:
 
 # ============================================= reading =============================================
 
+ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+            "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}      # every dtype a safetensors file can hold
+HEADER_MAX = 100 << 20                                                     # bytes of JSON; real headers are < 1 MB
+
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
-  """The JSON header of a .safetensors file, checked against the file's size (catches truncated downloads), and the
-  byte offset where the tensor data starts (the header's `data_offsets` count from there)."""
+  """The JSON header of a .safetensors file and the byte offset where the tensor data starts (the header's
+  `data_offsets` count from there), checked before anything is read by it: the header length against the file's
+  size; every entry's dtype, shape and byte range (shape x item size, inside the data section, none overlapping).
+  A truncated download or a malformed file is an OlmoeError naming the file and the entry."""
   try:
+    size = path.stat().st_size
     with open(path, "rb") as f:
+      if size < 8: raise OlmoeError(f"{path}: not a safetensors file ({size} bytes)")
       (n,) = struct.unpack("<Q", f.read(8))
+      if n > min(size - 8, HEADER_MAX):
+        raise OlmoeError(f"{path}: not a safetensors file (its first 8 bytes give a {n}-byte header; the file has {size})")
       header = json.loads(f.read(n))
-  except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
+  except (OSError, ValueError, UnicodeDecodeError) as e:
     raise OlmoeError(f"{path}: not a readable safetensors file ({e.__class__.__name__})") from None
-  end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-  if 8 + n + end > path.stat().st_size:
-    raise OlmoeError(f"{path}: truncated ({path.stat().st_size} bytes, the header promises {8 + n + end})")
+  if not isinstance(header, dict): raise OlmoeError(f"{path}: the safetensors header is not a JSON object")
+  data, ranges = size - 8 - n, []
+  for key, v in header.items():
+    if key == "__metadata__": continue
+    bad = lambda why: OlmoeError(f"{path}: tensor {key!r}: {why}")
+    if not isinstance(v, dict) or v.get("dtype") not in ITEMSIZE: raise bad(f"unknown dtype {v.get('dtype') if isinstance(v, dict) else v!r}")
+    shape, offsets = v.get("shape"), v.get("data_offsets")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape): raise bad(f"bad shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]): raise bad(f"bad data_offsets {offsets!r}")
+    if offsets[1] - offsets[0] != math.prod(shape) * ITEMSIZE[v["dtype"]]:
+      raise bad(f"{offsets[1] - offsets[0]} bytes for shape {shape} of {v['dtype']}")
+    if offsets[1] > data:
+      raise OlmoeError(f"{path}: truncated ({size} bytes, the header promises {8 + n + offsets[1]})")
+    ranges.append((offsets[0], offsets[1], key))
+  ranges.sort()
+  for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:]):
+    if begin < end: raise OlmoeError(f"{path}: tensors {first!r} and {second!r} share bytes")
   return header, 8 + n
 
 def checkpoint_files(folder: Path) -> list[Path]:
