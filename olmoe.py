@@ -94,6 +94,7 @@ class OlmoeConfig:
       raise OlmoeError(f"config.json has model_type {d.get('model_type')!r}, this file runs {cls.model_type!r}")
     d = dict(d)
     rope = d.pop("rope_parameters", None) or {}
+    if not isinstance(rope, dict): raise OlmoeError(f"config.json: rope_parameters = {rope!r} is not an object")
     if "rope_theta" in rope: d.setdefault("rope_theta", rope["rope_theta"])
     if rope.get("rope_type", rope.get("type", "default")) != "default": d["rope_scaling"] = rope
     if "num_local_experts" in d: d.setdefault("num_experts", d["num_local_experts"])
@@ -101,6 +102,14 @@ class OlmoeConfig:
     if d.get("attention_bias"): raise OlmoeError("unsupported: attention_bias=true")
     nullable = {"num_key_value_heads", "clip_qkv", "rope_scaling", "eos_token_id", "pad_token_id", "bos_token_id"}
     cfg = cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d and (d[f.name] is not None or f.name in nullable)})
+    for f in fields(cls):                                                    # types, then ranges, before any use
+      if not has_type(v := getattr(cfg, f.name), f.type): raise OlmoeError(f"config.json: {f.name} = {v!r} is not {f.type}")
+    sizes = [*SIZES, *(["num_key_value_heads"] if cfg.num_key_value_heads is not None else [])]
+    if (bad := next((n for n in sizes if not 0 < getattr(cfg, n) <= 2 ** 31), None)) is not None:
+      raise OlmoeError(f"config.json: {bad} = {getattr(cfg, bad)} must be in 1..2^31")
+    if not (cfg.rope_theta > 0 and cfg.rms_norm_eps > 0): raise OlmoeError("config.json: rope_theta and rms_norm_eps must be > 0")
+    if cfg.rope_scaling is not None and not has_type(cfg.rope_scaling.get("factor", 1.0), "float"):
+      raise OlmoeError(f"config.json: rope scaling factor {cfg.rope_scaling.get('factor')!r} is not a number")
     if cfg.rope_scaling is not None and cfg.rope_kind not in ("linear", "dynamic"):
       raise OlmoeError(f"unsupported rope_scaling type {cfg.rope_kind!r} (supported: default, linear, dynamic)")
     if cfg.hidden_size % cfg.num_attention_heads or cfg.num_attention_heads % cfg.n_kv_heads:
@@ -108,6 +117,18 @@ class OlmoeConfig:
     if not 0 < cfg.num_experts_per_tok <= cfg.num_experts:
       raise OlmoeError(f"config: num_experts_per_tok={cfg.num_experts_per_tok} must be in 1..num_experts={cfg.num_experts}")
     return cfg
+
+
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "max_position_embeddings", "num_experts", "num_experts_per_tok")
+
+def has_type(v, annotation: str) -> bool:
+  """Whether a config.json value is of one of the types its field is annotated with (`int | None`, ...)."""
+  ok = {"int": lambda: type(v) is int, "float": lambda: type(v) in (int, float) and math.isfinite(v),
+        "bool": lambda: type(v) is bool, "str": lambda: type(v) is str, "dict": lambda: type(v) is dict,
+        "None": lambda: v is None, "list[int]": lambda: type(v) is list and all(type(x) is int for x in v),
+        "list[str]": lambda: type(v) is list and all(type(x) is str for x in v)}
+  return any(ok[t.strip()]() for t in annotation.split("|"))
 
 
 # ============================================ building blocks ============================================

@@ -358,3 +358,30 @@ def test_cli_bad_checkpoints(ckpt, tmp_path):
   assert_clean_error(run_cli("--model", str(broken_copy(ckpt, tmp_path / "e", edit={"num_experts": 6})), "--prompt", "hi"), "experts")
   bad = broken_copy(ckpt, tmp_path / "f"); (bad / "config.json").unlink()
   assert_clean_error(run_cli("--model", str(bad), "--prompt", "hi"), "config.json")
+
+BAD_CONFIGS = {   # a field of config.json with a value of the wrong type or out of range -> words of the one-line error
+  "hidden_size as a string": ({"hidden_size": "64"}, "hidden_size = '64' is not int"),
+  "hidden_size as a float": ({"hidden_size": 64.0}, "hidden_size = 64.0 is not int"),
+  "negative experts": ({"num_experts": -1}, "num_experts = -1 must be in 1..2^31"),
+  "no layers": ({"num_hidden_layers": 0}, "num_hidden_layers = 0"),
+  "an absurd vocabulary": ({"vocab_size": 10 ** 12}, "vocab_size"),
+  "rope_theta as text": ({"rope_theta": "big"}, "rope_theta = 'big' is not float"),
+  "eos as text": ({"eos_token_id": "x"}, "eos_token_id"),
+  "rope_parameters a list": ({"rope_parameters": [1]}, "rope_parameters"),
+  "negative eps": ({"rms_norm_eps": -1.0}, "rms_norm_eps"),
+  "a flag as text": ({"tie_word_embeddings": "yes"}, "tie_word_embeddings"),
+  "a scaling factor as text": ({"rope_scaling": {"rope_type": "linear", "factor": "2"}}, "factor"),
+  "NaN clip": ({"clip_qkv": float("nan")}, "clip_qkv"),
+}
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_config_values_of_the_wrong_type_or_range_are_one_clear_error(case):
+  good = json.loads((ROOT / "models" / "olmoe-demo" / "config.json").read_text())
+  olmoe.OlmoeConfig.from_dict(good)                                                  # the file itself is fine
+  edit, words = BAD_CONFIGS[case]
+  with pytest.raises(olmoe.OlmoeError) as e: olmoe.OlmoeConfig.from_dict({**good, **edit})
+  assert words in str(e.value) and str(e.value).startswith("config.json:")
+
+def test_cli_config_of_the_wrong_type(ckpt, tmp_path):
+  assert_clean_error(run_cli("--model", str(broken_copy(ckpt, tmp_path / "g", edit={"intermediate_size": "32"})),
+                             "--prompt", "hi"), "intermediate_size")
