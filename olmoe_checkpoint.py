@@ -71,7 +71,13 @@ def checkpoint_files(folder: Path) -> list[Path]:
   """model.safetensors, or the shards named by model.safetensors.index.json."""
   index = folder / "model.safetensors.index.json"
   if index.exists():
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    try: weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise OlmoeError(f"{index}: not a readable index ({e.__class__.__name__}: no weight_map)") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v and Path(v).name == v and v not in (".", "..")
+                                                   for v in weight_map.values()):
+      raise OlmoeError(f"{index}: weight_map must map tensor names to shard file names in the same folder")
+    shards = sorted(set(weight_map.values()))
     missing = [s for s in shards if not (folder / s).exists()]
     if missing: raise OlmoeError(f"{folder}: shard {missing[0]} named in model.safetensors.index.json is missing")
     return [folder / s for s in shards]
@@ -115,6 +121,8 @@ def read_state_dict(folder: Path) -> dict[str, Stored]:
 def _stack(parts: list[Stored], axis: int = 0, new_axis: bool = True) -> Stored:
   """Stored tensors stacked (or concatenated along `axis`), each part read into its slice of the output."""
   if len({p.dtype for p in parts}) > 1: raise OlmoeError("checkpoint: experts stored in mixed dtypes")
+  if len({p.shape[:axis] + p.shape[axis + (not new_axis):] for p in parts}) > 1:
+    raise OlmoeError(f"checkpoint: experts stored with different shapes {sorted({p.shape for p in parts})}")
   sizes = [1 if new_axis else p.shape[axis] for p in parts]
   shape = (len(parts), *parts[0].shape) if new_axis else \
           tuple(sum(sizes) if d == axis else n for d, n in enumerate(parts[0].shape))
@@ -204,9 +212,13 @@ def resolve_model_dir(name: str) -> Path:
                      f"download it elsewhere and pass --model DIR") from None
 
 def read_config(folder: Path) -> dict:
-  try: return json.loads((folder / "config.json").read_text())
+  """config.json as a dict (a JSON object), or an OlmoeError saying what is wrong with the file."""
+  try: config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
   except FileNotFoundError: raise OlmoeError(f"{folder}: no config.json") from None
+  except (OSError, UnicodeDecodeError) as e: raise OlmoeError(f"{folder}/config.json: unreadable ({e.__class__.__name__})") from None
   except ValueError as e: raise OlmoeError(f"{folder}/config.json: invalid JSON ({e})") from None
+  if not isinstance(config, dict): raise OlmoeError(f"{folder}/config.json: not a JSON object")
+  return config
 
 def load_checkpoint(name: str, config_cls: type, model_cls: type, dtype: DType | str | None = None,
                     progress: bool = True) -> tuple[Olmoe, Tokenizer | None]:

@@ -76,6 +76,12 @@ class Tokenizer:
     try: spec = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
       raise OlmoeError(f"{path}: unreadable tokenizer.json ({e.__class__.__name__})") from None
+    try: return cls._from_spec(path, spec)
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError) as e:   # a field of the wrong type or shape
+      raise OlmoeError(f"{path}: malformed tokenizer.json ({e.__class__.__name__}: {str(e)[:100]})") from None
+
+  @classmethod
+  def _from_spec(cls, path: str | Path, spec: dict) -> "Tokenizer":
     def unsupported(what): raise OlmoeError(f"{path}: unsupported {what} (only byte-level BPE tokenizer.json files are)")
     model, norm, pre = spec.get("model") or {}, spec.get("normalizer"), spec.get("pre_tokenizer")
     if model.get("type") != "BPE": unsupported(f"tokenizer model {model.get('type')!r}")

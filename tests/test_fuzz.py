@@ -1,0 +1,126 @@
+"""Malformed model folders, made by seeded random edits of a valid one, through `olmoe.load` and `flexolmo.load`.
+
+Every case must end in an OlmoeError (the one line the command line prints) or in a model whose every tensor has the
+shape its config implies; any other exception is a failure. The edits are the ones a download or an editor can
+make: truncation at section boundaries and at random points, flipped bytes in the safetensors header, header
+entries with another shape, dtype or byte range, config.json values of the wrong type or range, tokenizer.json
+cut or given values of the wrong type, files missing, empty, or replaced by folders."""
+import json, random, shutil, struct
+from pathlib import Path
+import numpy as np
+import pytest
+from conftest import make_tokenizer_json
+import olmoe, flexolmo
+from olmoe_checkpoint import read_raw, to_raw, write_safetensors
+
+CASES = 1000
+CONFIG = dict(model_type="olmoe", vocab_size=320, hidden_size=8, intermediate_size=4, num_hidden_layers=1,
+              num_attention_heads=2, num_experts=3, num_experts_per_tok=2, max_position_embeddings=32,
+              eos_token_id=0, pad_token_id=1)
+ODD_VALUES = ["8", 8.5, -8, 0, 2 ** 40, None, True, [8], {"a": 8}, "", float("nan")]
+
+
+def valid_folder(root: Path) -> Path:
+  """A tiny OLMoE checkpoint in transformers' layout (per-expert keys), written with this project's writer."""
+  rng, D, I, E, V = np.random.default_rng(0), 8, 4, 3, 320
+  shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,), "lm_head.weight": (V, D)}
+  p = "model.layers.0."
+  shapes.update({p + f"self_attn.{n}.weight": (D, D) for n in ("q_proj", "k_proj", "v_proj", "o_proj")})
+  shapes.update({p + n: (D,) for n in ("self_attn.q_norm.weight", "self_attn.k_norm.weight", "input_layernorm.weight",
+                                       "post_attention_layernorm.weight")})
+  shapes[p + "mlp.gate.weight"] = (E, D)
+  for e in range(E):
+    shapes.update({p + f"mlp.experts.{e}.gate_proj.weight": (I, D), p + f"mlp.experts.{e}.up_proj.weight": (I, D),
+                   p + f"mlp.experts.{e}.down_proj.weight": (D, I)})
+  folder = root / "valid"
+  folder.mkdir()
+  write_safetensors(folder / "model.safetensors",
+                    {k: to_raw(rng.standard_normal(s).astype(np.float32), "BF16") for k, s in shapes.items()})
+  (folder / "config.json").write_text(json.dumps(CONFIG))
+  make_tokenizer_json(folder)
+  return folder
+
+
+def mutate(folder: Path, rng: random.Random) -> str:
+  """Apply one random edit to the copy in `folder`; returns what was done."""
+  st, cfg, tok = folder / "model.safetensors", folder / "config.json", folder / "tokenizer.json"
+  blob = bytearray(st.read_bytes())
+  (n,) = struct.unpack("<Q", blob[:8])
+  header = json.loads(blob[8:8 + n])
+  keys = [k for k in header if k != "__metadata__"]
+  def write_header(h):
+    head = json.dumps(h).encode()
+    head += b" " * (-len(head) % 8)
+    st.write_bytes(struct.pack("<Q", len(head)) + head + bytes(blob[8 + n:]))
+  kind = rng.choice(["cut", "cut_boundary", "flip_header", "shape", "dtype", "offsets", "config", "config_drop",
+                     "tokenizer_cut", "tokenizer_value", "missing", "empty", "folder"])
+  if kind == "cut":
+    at = rng.randrange(len(blob)); st.write_bytes(bytes(blob[:at])); return f"safetensors cut at {at}"
+  if kind == "cut_boundary":
+    bounds = [0, 8, 8 + n] + [8 + n + header[k]["data_offsets"][i] for k in keys for i in (0, 1)]
+    at = rng.choice(bounds) + rng.choice([-1, 0, 1]); st.write_bytes(bytes(blob[:max(at, 0)]))
+    return f"safetensors cut at boundary {at}"
+  if kind == "flip_header":
+    at = rng.randrange(8 + n); blob[at] ^= 1 << rng.randrange(8); st.write_bytes(bytes(blob))
+    return f"bit flipped in header byte {at}"
+  k = rng.choice(keys)
+  if kind == "shape":
+    shape = list(header[k]["shape"]); d = rng.randrange(len(shape))
+    shape[d] = rng.choice([shape[d] + 1, shape[d] - 1, 0, shape[d] * 2]); header[k]["shape"] = shape
+    write_header(header); return f"{k} shape {shape}"
+  if kind == "dtype":
+    header[k]["dtype"] = rng.choice(["F32", "F16", "I64", "F99", 7, None]); write_header(header)
+    return f"{k} dtype {header[k]['dtype']!r}"
+  if kind == "offsets":
+    a, b = header[k]["data_offsets"]
+    header[k]["data_offsets"] = rng.choice([[a, b - 2], [a + 2, b], [a - 2, b - 2], [b, a], [a, 10 ** 12], [a], "x"])
+    write_header(header); return f"{k} data_offsets {header[k]['data_offsets']!r}"
+  if kind in ("config", "config_drop"):
+    c = json.loads(cfg.read_text()); field = rng.choice(sorted(CONFIG))
+    if kind == "config": c[field] = rng.choice(ODD_VALUES)
+    else: c.pop(field)
+    cfg.write_text(json.dumps(c)); return f"config {field} = {c.get(field, '<dropped>')!r}"
+  if kind == "tokenizer_cut":
+    t = tok.read_bytes(); at = rng.randrange(len(t)); tok.write_bytes(t[:at]); return f"tokenizer.json cut at {at}"
+  if kind == "tokenizer_value":
+    t = json.loads(tok.read_text()); where = rng.choice(["model", "pre_tokenizer", "normalizer", "decoder", "added_tokens"])
+    t[where] = rng.choice(ODD_VALUES); tok.write_text(json.dumps(t)); return f"tokenizer {where} = {t[where]!r}"
+  victim = rng.choice([st, cfg, tok])
+  if kind == "missing": victim.unlink(); return f"{victim.name} missing"
+  if kind == "empty": victim.write_bytes(b""); return f"{victim.name} empty"
+  victim.unlink(); victim.mkdir(); return f"{victim.name} is a folder"
+
+
+def check(load, folder: Path, what: str) -> str:
+  try: model, _ = load(str(folder))
+  except olmoe.OlmoeError as e:
+    assert "\n" not in str(e), f"{what}: a multi-line error"
+    return "refused"
+  except Exception as e:   # noqa: BLE001 -- the point: nothing but OlmoeError may come out
+    pytest.fail(f"{what}: {e.__class__.__name__}: {e}")
+  cfg, params = model.cfg, model.parameters()
+  assert tuple(params["layers.0.mlp.experts.gate_up_proj"].shape) == (cfg.num_experts, 2 * cfg.intermediate_size, cfg.hidden_size), what
+  return "loaded"
+
+
+@pytest.mark.parametrize("which", ["olmoe", "flexolmo"])
+def test_a_thousand_malformed_folders_end_in_one_clear_error_or_a_consistent_model(which, tmp_path):
+  valid = valid_folder(tmp_path)
+  if which == "flexolmo":
+    c = json.loads((valid / "config.json").read_text())
+    (valid / "config.json").write_text(json.dumps({**c, "model_type": "flex_olmo", "expert_names": ["a", "b", "c"]}))
+  load = (lambda f: olmoe.load(f, progress=False)) if which == "olmoe" else \
+         (lambda f: flexolmo.load(f, progress=False))
+  if which == "flexolmo":   # FlexOlmo has post-norms where OLMoE has input_layernorm: rename the tensor
+    raw = read_raw(valid)
+    raw["model.layers.0.post_feedforward_layernorm.weight"] = raw.pop("model.layers.0.input_layernorm.weight")
+    write_safetensors(valid / "model.safetensors", raw)
+  assert check(load, valid, "the valid folder") == "loaded"
+  rng, outcomes = random.Random(1234), {"refused": 0, "loaded": 0}
+  for case in range(CASES // 2):
+    folder = tmp_path / f"case{case}"
+    shutil.copytree(valid, folder)
+    what = f"case {case}: " + mutate(folder, rng)
+    outcomes[check(load, folder, what)] += 1
+    shutil.rmtree(folder)
+  assert outcomes["refused"] > CASES // 4            # most edits break the folder, and each was said in one line
