@@ -124,3 +124,13 @@ def test_a_thousand_malformed_folders_end_in_one_clear_error_or_a_consistent_mod
     outcomes[check(load, folder, what)] += 1
     shutil.rmtree(folder)
   assert outcomes["refused"] > CASES // 4            # most edits break the folder, and each was said in one line
+
+
+def test_an_expert_of_another_shape_is_refused_even_when_its_bytes_fit(tmp_path):
+  """Stacking per-expert tensors takes the first expert's shape: a later one of another (self-consistent) shape must
+  not be read into the stack."""
+  valid = valid_folder(tmp_path)
+  raw = read_raw(valid)
+  raw["model.layers.0.mlp.experts.2.up_proj.weight"] = to_raw(np.ones((5, 8), np.float32), "BF16")   # (I+1, D)
+  write_safetensors(valid / "model.safetensors", raw)
+  with pytest.raises(olmoe.OlmoeError, match="different shapes"): olmoe.load(str(valid), progress=False)
