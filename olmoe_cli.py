@@ -51,23 +51,29 @@ def run_cli(args, model, tok, expert_names: list[str] | None = None) -> None:
   prompts = [tok.encode(p) for p in args.prompt]
   streams, texts, done = [TextStream(tok) for _ in prompts], ["" for _ in prompts], [False for _ in prompts]
   print(args.prompt[0], end="", flush=True)
-  for step in generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                       with_routing=args.show_routing):
-    for b, t in enumerate(step.tokens):
-      if done[b] or t in model.cfg.eos_ids:
-        done[b] = True
-        continue
-      piece = streams[b].push(t)
-      texts[b] += piece
-      if b == 0: print(piece, end="", flush=True)
-    if args.show_routing and not done[0]: print("\n" + show_routing(step, expert_names), flush=True)
-  print(streams[0].flush(), flush=True)
-  for p, t, s in list(zip(args.prompt, texts, streams))[1:]: print(f"--- {p}{t}{s.flush()}")
+  try:
+    for step in generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                         with_routing=args.show_routing):
+      for b, t in enumerate(step.tokens):
+        if done[b] or t in model.cfg.eos_ids:
+          done[b] = True
+          continue
+        piece = streams[b].push(t)
+        texts[b] += piece
+        if b == 0: print(piece, end="", flush=True)
+      if args.show_routing and not done[0]: print("\n" + show_routing(step, expert_names), flush=True)
+  finally:                                   # also on Ctrl-C: every prompt's text so far
+    print(streams[0].flush(), flush=True)
+    for p, t, s in list(zip(args.prompt, texts, streams))[1:]: print(f"--- {p}{t}{s.flush()}", flush=True)
 
 def exit_code(run: Callable[[], None]) -> int:
-  """Run a command: 0 when it succeeds, 2 with one `error: ...` line on stderr when it raises OlmoeError."""
+  """Run a command: 0 when it succeeds, 2 with one `error: ...` line on stderr when it raises OlmoeError, 130 (the
+  shell's code for SIGINT) without a traceback when Ctrl-C stops it."""
   try: run()
   except OlmoeError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print("[stopped]", file=sys.stderr)
+    return 130
   return 0

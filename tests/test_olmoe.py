@@ -385,3 +385,19 @@ def test_config_values_of_the_wrong_type_or_range_are_one_clear_error(case):
 def test_cli_config_of_the_wrong_type(ckpt, tmp_path):
   assert_clean_error(run_cli("--model", str(broken_copy(ckpt, tmp_path / "g", edit={"intermediate_size": "32"})),
                              "--prompt", "hi"), "intermediate_size")
+
+def test_ctrl_c_during_generation_keeps_the_text_and_exits_130(tmp_path):
+  """SIGINT while tokens stream: what was generated stays on stdout, exit code 130, no traceback. (A long context
+  and no EOS, so that generation is still running when the signal comes.)"""
+  import signal, time
+  path = save_hf_olmoe(tmp_path, seed=2, max_position_embeddings=8192, eos_token_id=None)
+  p = subprocess.Popen([sys.executable, str(ROOT / "olmoe.py"), "--model", str(path), "--prompt", "The quick",
+                        "--prompt", "A", "--max-new-tokens", "8000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True, cwd=ROOT)
+  seen = p.stdout.read(len("The quick") + 3)                        # the prompt, then generated text
+  time.sleep(0.5)
+  p.send_signal(signal.SIGINT)
+  out, err = p.communicate(timeout=120)
+  assert p.returncode == 130, err
+  assert seen.startswith("The quick") and len(seen) > len("The quick")
+  assert "Traceback" not in err and "--- A" in out                 # the batch's other prompt, with its text so far
