@@ -417,8 +417,9 @@ def main(argv=None) -> int:
     def run():
       if a.model is None: a.model = olmoe_cli.default_model(DEMO_MODEL, REAL_MODEL)
       olmoe_cli.check_request(a)
+      dtype = olmoe_cli.prepare_compiler()                               # before the first kernel is compiled
       split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None
-      model, tok = load(a.model, split(a.experts), split(a.opt_out), progress=sys.stderr.isatty())
+      model, tok = load(a.model, split(a.experts), split(a.opt_out), dtype, progress=sys.stderr.isatty())
       olmoe_cli.run_cli(a, model, tok, model.cfg.names())
   return olmoe_cli.exit_code(run)
 

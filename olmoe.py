@@ -608,13 +608,13 @@ REAL_MODEL = "allenai/OLMoE-1B-7B-0924"
 
 def main(argv=None) -> int:
   """`python olmoe.py --prompt TEXT [--model DIR] ...`: generate a continuation (the options: olmoe_cli.py)."""
-  import olmoe_cli, olmoe_compiler
+  import olmoe_cli
   args = olmoe_cli.build_parser("olmoe.py").parse_args(argv)
-  olmoe_compiler.use_cpu_target()                                        # before the first kernel is compiled
   def run():
     if args.model is None: args.model = olmoe_cli.default_model(DEMO_MODEL, REAL_MODEL)
     olmoe_cli.check_request(args)
-    model, tok = load(args.model, progress=sys.stderr.isatty())
+    dtype = olmoe_cli.prepare_compiler()                                 # before the first kernel is compiled
+    model, tok = load(args.model, dtype, progress=sys.stderr.isatty())
     olmoe_cli.run_cli(args, model, tok)
   return olmoe_cli.exit_code(run)
 

@@ -154,10 +154,15 @@ def hf_to_ours(state: dict[str, Stored | Tensor], cfg: OlmoeConfig) -> Iterator[
            gu[0].cat(gu[1], dim=1) if isinstance(gu[0], Tensor) else _stack(gu, axis=1, new_axis=False))
     yield f"layers.{l}.mlp.experts.down_proj", parts["down_proj"]                               # (E, D, I)
 
-def to_tensor(t: Stored | Tensor) -> Tensor:
+def to_tensor(t: Stored | Tensor, dtype: DType | None = None) -> Tensor:
   """A Stored record read into a new tinygrad buffer in its stored dtype. On the CPU the file's bytes are read
-  into the buffer's own memory; other devices get a host array copied over."""
+  into the buffer's own memory; other devices get a host array copied over. With dtype=float32, 16-bit floats are
+  widened on the host, so that no bf16 kernel has to be compiled (for a compiler that cannot)."""
   if isinstance(t, Tensor): return t
+  if dtype == dtypes.float32 and t.dtype != dtypes.float32:
+    t.read_into(bits := np.empty(t.shape, np.uint16))
+    wide = (bits.astype(np.uint32) << 16).view(np.float32) if t.dtype == dtypes.bfloat16 else bits.view(np.float16).astype(np.float32)
+    return Tensor(wide)
   if hasattr(Device[Device.DEFAULT].allocator, "_as_buffer"):
     out = Tensor.empty(*t.shape, dtype=t.dtype).realize()
     mem = out.uop.buffer.ensure_allocated().as_memoryview(force_zero_copy=True)
@@ -184,7 +189,7 @@ def load_weights(model: Olmoe, state: dict[str, Stored | Tensor], dtype: DType |
   for name in got: groups.setdefault(".".join(name.split(".")[:2]) if name.startswith("layers.") else name, []).append(name)
   for g in tqdm(list(groups), desc="loading", disable=not progress):
     for name in groups[g]:
-      t = to_tensor(got[name])
+      t = to_tensor(got[name], dtype)
       _set(model, name, (t if t.dtype == dtype else t.cast(dtype)).contiguous().realize())
   if model.cfg.tie_word_embeddings: model.lm_head = model.embed_tokens
 

@@ -30,6 +30,24 @@ def check_request(args) -> None:
   if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
     raise OlmoeError("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
 
+def prepare_compiler() -> str | None:
+  """Before anything is compiled: point tinygrad at a CPU target clang can finish (olmoe_compiler.py); then, on the
+  CPU device, one line naming the fix when there is no C compiler, or "float32" (said once) when the compiler
+  cannot compile bf16, so that bf16 weights are loaded as fp32. Returns the dtype to load with (None: as stored)."""
+  import olmoe_compiler
+  from tinygrad import Device
+  olmoe_compiler.use_cpu_target()
+  if Device.DEFAULT != "CPU": return None
+  state = olmoe_compiler.compiler()
+  if state == "missing":
+    raise OlmoeError("no C compiler: tinygrad compiles CPU kernels with clang; install it (Debian/Ubuntu: "
+                     "sudo apt-get install clang-19) or name another device with DEV=")
+  if state == "no-bf16":
+    print("[this clang cannot compile bf16 kernels: weights are run in fp32 (bf16 ones take twice the memory); "
+          "clang 19 or newer runs them in bf16]", file=sys.stderr)
+    return "float32"
+  return None
+
 def default_model(demo: Path, real: str) -> str:
   """The bundled demo model when no --model is given (saying so), or a clear error saying how to get one."""
   if not (demo / "config.json").exists():

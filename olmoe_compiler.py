@@ -8,7 +8,9 @@ compiler avoids it; bf16 values are then converted with integer instructions, as
 `cpu_target()` compiles that kernel once with a time limit (only on CPUs that have the features) and returns the
 tinygrad device target that avoids the hang, or None when none is needed. The verdict is kept in a small file per
 compiler and CPU, so later processes do not probe again. `use_cpu_target()` makes this process's tinygrad use it,
-unless `DEV` is already set. This module does not import tinygrad.
+unless `DEV` is already set. `compiler()` says whether there is a compiler at all and whether it can compile bf16
+(clang before 19 cannot); the command lines then name the fix, or run bf16 weights in fp32. This module does not
+import tinygrad.
 """
 from __future__ import annotations
 import hashlib, json, os, platform, shutil, subprocess, tempfile
@@ -31,33 +33,47 @@ def _cpu_flags() -> set[str]:
   except OSError: pass
   return set()
 
-def _compiles(args: list[str]) -> bool:
-  """Whether clang compiles the probe with these flags within PROBE_SECONDS."""
+def _compile(args: list[str]) -> str:
+  """"ok", "error" (clang refuses the probe: no bf16 in this clang) or "timeout" (clang does not finish it)."""
   cmd = [os.environ.get("CC", "clang"), "-c", "-x", "c", "-O2", "-ffreestanding", "-nostdlib",
-         "--target=x86_64-none-unknown-elf", *args, "-", "-o", os.devnull]
+         f"--target={platform.machine().lower().replace('amd64', 'x86_64')}-none-unknown-elf", *args, "-", "-o", os.devnull]
+  try: return "ok" if subprocess.run(cmd, input=PROBE.encode(), capture_output=True, timeout=PROBE_SECONDS).returncode == 0 else "error"
+  except subprocess.TimeoutExpired: return "timeout"
+  except OSError: return "error"
+
+def _verdict(name: str, probe) -> object:
+  """probe()'s result, kept in a small file per compiler and CPU (a read-only folder only costs the probe again)."""
+  cc = shutil.which(os.environ.get("CC", "clang"))
+  try: version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+  except (OSError, subprocess.TimeoutExpired): return probe()
+  key = hashlib.sha256(json.dumps([cc, version, sorted(_cpu_flags())]).encode()).hexdigest()[:16]
+  cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "tinygrad" / f"olmoe-clang-{key}.json"
+  try: known = json.loads(cache.read_text())
+  except (OSError, ValueError): known = {}
+  if not isinstance(known, dict): known = {}
+  if name in known: return known[name]
+  known[name] = probe()
   try:
-    return subprocess.run(cmd, input=PROBE.encode(), capture_output=True, timeout=PROBE_SECONDS).returncode == 0
-  except (OSError, subprocess.TimeoutExpired): return False
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f: json.dump(known, f)
+    os.replace(tmp, cache)
+  except OSError: pass
+  return known[name]
 
 def cpu_target() -> str | None:
   """The tinygrad target (a `DEV` value) that avoids clang's bf16 hang on this machine, or None if none is needed."""
-  if platform.machine().lower() not in ("x86_64", "amd64") or "avx512_bf16" not in (flags := _cpu_flags()): return None
-  cc = shutil.which(os.environ.get("CC", "clang"))
-  if cc is None: return None                       # no compiler at all: tinygrad says so itself
-  try: version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-  except (OSError, subprocess.TimeoutExpired): return None
-  key = hashlib.sha256(json.dumps([cc, version, sorted(flags)]).encode()).hexdigest()[:16]
-  cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "tinygrad" / f"olmoe-clang-{key}.json"
-  try: return json.loads(cache.read_text())["target"]
-  except (OSError, ValueError, KeyError, TypeError): pass
-  target = None if _compiles(["-march=native"]) else TARGET
-  try:                                             # keep the verdict; a read-only folder only costs the probe again
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f: json.dump({"target": target}, f)
-    os.replace(tmp, cache)
-  except OSError: pass
-  return target
+  if platform.machine().lower() not in ("x86_64", "amd64") or "avx512_bf16" not in _cpu_flags(): return None
+  if shutil.which(os.environ.get("CC", "clang")) is None: return None      # no compiler at all: see compiler()
+  target = _verdict("target", lambda: TARGET if _compile(["-march=native"]) == "timeout" else None)
+  return target if target in (None, TARGET) else None
+
+def compiler() -> str | None:
+  """For tinygrad's CPU device: None when its C compiler is fine, "missing" when there is none, "no-bf16" when it
+  cannot compile bf16 (clang before 19 has no `__bf16` for a freestanding target)."""
+  if shutil.which(os.environ.get("CC", "clang")) is None: return "missing"
+  arch = ["-march=native"] + (["-mno-" + f for f in FEATURES_OFF] if cpu_target() else [])
+  return "no-bf16" if _verdict("bf16", lambda: _compile(arch)) == "error" else None
 
 def use_cpu_target() -> str | None:
   """Unless DEV is set, point this process's tinygrad (and its child processes) at `cpu_target()`; returns it."""

@@ -1,0 +1,55 @@
+"""olmoe_compiler and the command line's compiler checks: a missing compiler, a clang without bf16, clang's bf16 hang.
+
+Oracles: clang itself run on the probe kernel with a time limit, and the same weights loaded in fp32 in this process
+(with the usual compiler) for the greedy text of a run whose compiler cannot do bf16."""
+import json, os, shutil, subprocess, sys
+import pytest
+from conftest import ROOT, save_hf_olmoe
+import olmoe, olmoe_compiler
+
+DEMO = ROOT / "models" / "olmoe-demo"
+
+
+def run_cli(*args, **env):
+  return subprocess.run([sys.executable, str(ROOT / "olmoe.py"), *args], capture_output=True, text=True, cwd=ROOT,
+                        timeout=600, env=dict(os.environ, **env))
+
+
+def test_no_compiler_is_one_line_naming_the_fix(tmp_path):
+  ckpt = save_hf_olmoe(tmp_path / "m", seed=1)
+  r = run_cli("--model", str(ckpt), "--prompt", "hi", CC=str(tmp_path / "no-such-clang"), DEV="")
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: no C compiler"), r.stderr
+  assert "apt-get install clang" in lines[0] and "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("clang-14") is None, reason="clang-14 is not installed (.ci/run installs it)")
+def test_a_clang_without_bf16_runs_the_bf16_demo_in_fp32(tmp_path):
+  """clang 14 has no __bf16 for a freestanding target: the bf16 demo runs in fp32, says so once, and prints the
+  greedy text that the same weights in fp32 give here."""
+  assert olmoe_compiler._compile(["-march=native"]) != "error"              # the usual compiler does bf16
+  env = dict(CC="clang-14", XDG_CACHE_HOME=str(tmp_path / "xdg"), CACHEDB=str(tmp_path / "cache.db"), DEV="")
+  r = run_cli("--prompt", "The mixture of experts", "--max-new-tokens", "12", **env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stderr.count("cannot compile bf16") == 1 and "Traceback" not in r.stderr
+  model, tok = olmoe.load(str(DEMO), dtype="float32", progress=False)
+  ids = [s.tokens[0] for s in olmoe.generate(model, [tok.encode("The mixture of experts")], 12)]
+  ids = ids[:next((n for n, t in enumerate(ids) if t in model.cfg.eos_ids), len(ids))]
+  assert r.stdout == "The mixture of experts" + tok.decode(ids) + "\n"
+
+
+def test_the_probes_agree_with_clang_itself(tmp_path, monkeypatch):
+  """cpu_target() asks for a target only where clang does not finish the probe under -march=native; with the
+  target's flags clang compiles it. The verdicts are kept and read back; a missing compiler is said as such."""
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  target = olmoe_compiler.cpu_target()
+  assert target in (None, olmoe_compiler.TARGET)
+  if target is None: assert olmoe_compiler._compile(["-march=native"]) == "ok"
+  else:
+    assert olmoe_compiler._compile(["-march=native"]) == "timeout"
+    assert olmoe_compiler._compile(["-march=native"] + ["-mno-" + f for f in olmoe_compiler.FEATURES_OFF]) == "ok"
+  kept = [json.loads(p.read_text()) for p in (tmp_path / "tinygrad").glob("olmoe-clang-*.json")]
+  assert kept and all(k.get("target") == target for k in kept)
+  assert olmoe_compiler.compiler() is None                                     # this machine's clang does bf16
+  monkeypatch.setenv("CC", str(tmp_path / "no-such-clang"))
+  assert olmoe_compiler.compiler() == "missing" and olmoe_compiler.cpu_target() is None
