@@ -151,6 +151,9 @@ def write_checkpoint(out: Path, config: dict, tensors: dict[str, Raw], tokenizer
                      inputs: list[Path]) -> None:
   """Write config.json + model.safetensors (+ tokenizer.json) into a temporary folder, then rename it to `out`."""
   out = check_out(out, inputs)
+  for stale in out.parent.glob(f".{out.name}.partial-*"):      # left by a run that was killed: its process is gone
+    pid = stale.name.rsplit("-", 1)[-1]
+    if pid.isdigit() and not Path(f"/proc/{pid}").exists(): shutil.rmtree(stale, ignore_errors=True)
   tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
   tmp.mkdir(parents=True)
   try:

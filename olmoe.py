@@ -528,7 +528,9 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
   run = step_runner()
   # one KV cache per batch size, made on first use and kept for the model's life: the compiled decode step replays
   # into these buffers
-  if B not in model._caches: model._caches[B] = run(_kv_caches, model, B)
+  if B not in model._caches:
+    check_cache_size(model, B)
+    model._caches[B] = run(_kv_caches, model, B)
   for layer, cache in zip(model.layers, model._caches[B]): layer.self_attn.cache_kv = cache
   try:
     prefill = model._prefills.setdefault((B, Tp, model.expert_mask is None, model.top_k), TinyJit(_prefill))
@@ -548,6 +550,15 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
   finally:
     for layer in model.layers: layer.self_attn.cache_kv = None
     run.finish()
+
+def check_cache_size(model: Olmoe, B: int) -> None:
+  """On the CPU, refuse a KV cache (context_length positions of every layer) that cannot fit in memory."""
+  from olmoe_checkpoint import on_cpu, physical_memory
+  cfg = model.cfg
+  need = 2 * B * cfg.n_kv_heads * cfg.context_length * cfg.head_dim * model.dtype.itemsize * cfg.num_hidden_layers
+  if on_cpu() and (have := physical_memory()) is not None and need > have:
+    raise OlmoeError(f"the KV cache of {cfg.context_length} positions needs {need / 2**30:.1f} GiB for a batch of {B}, "
+                     f"this machine has {have / 2**30:.1f} GiB")
 
 def _kv_caches(model: Olmoe, B: int) -> list[Tensor]:
   """Zeroed k and v caches of every layer for batch size B: (2, B, nkv, S_max, hd) each."""

@@ -234,10 +234,32 @@ def load_checkpoint(name: str, config_cls: type, model_cls: type, dtype: DType |
   from olmoe_tokenizer import Tokenizer
   folder = resolve_model_dir(name)
   cfg = config_cls.from_dict(read_config(folder))
-  model = model_cls(cfg)
-  load_weights(model, read_state_dict(folder), getattr(dtypes, dtype) if isinstance(dtype, str) else dtype, progress)
   tok = Tokenizer.from_file(folder / "tokenizer.json") if (folder / "tokenizer.json").exists() else None
+  if tok is not None and tok.vocab_size > cfg.vocab_size:
+    raise OlmoeError(f"{folder}: tokenizer.json has ids up to {tok.vocab_size - 1}, config.json's vocab_size is {cfg.vocab_size}")
+  state = read_state_dict(folder)
+  dtype = getattr(dtypes, dtype) if isinstance(dtype, str) else dtype
+  check_memory(state, dtype, folder)
+  model = model_cls(cfg)
+  load_weights(model, state, dtype, progress)
   return model, tok
+
+def on_cpu() -> bool:
+  """Whether tinygrad computes on this machine's CPU (where its memory is the machine's)."""
+  try: return Device.DEFAULT == "CPU"
+  except RuntimeError: return False                 # no device opens: tinygrad says why at the first kernel
+
+def physical_memory() -> int | None:
+  """Bytes of memory of this machine (None where the OS does not say)."""
+  try: return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError): return None
+
+def check_memory(state: dict[str, Stored], dtype: DType | None, folder: Path) -> None:
+  """On the CPU, refuse before loading weights that cannot fit in this machine's memory, naming both sizes."""
+  if not on_cpu() or (have := physical_memory()) is None: return
+  need = sum(math.prod(t.shape) * (dtype or t.dtype).itemsize for t in state.values())
+  if need > have:
+    raise OlmoeError(f"{folder}: the weights need {need / 2**30:.1f} GiB, this machine has {have / 2**30:.1f} GiB")
 
 
 # ============================================= writing =============================================

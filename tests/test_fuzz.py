@@ -35,7 +35,7 @@ def valid_folder(root: Path) -> Path:
   folder = root / "valid"
   folder.mkdir()
   write_safetensors(folder / "model.safetensors",
-                    {k: to_raw(rng.standard_normal(s).astype(np.float32), "BF16") for k, s in shapes.items()})
+                    {k: to_raw(rng.standard_normal(s).astype(np.float32), "F32") for k, s in shapes.items()})
   (folder / "config.json").write_text(json.dumps(CONFIG))
   make_tokenizer_json(folder)
   return folder
@@ -131,6 +131,32 @@ def test_an_expert_of_another_shape_is_refused_even_when_its_bytes_fit(tmp_path)
   not be read into the stack."""
   valid = valid_folder(tmp_path)
   raw = read_raw(valid)
-  raw["model.layers.0.mlp.experts.2.up_proj.weight"] = to_raw(np.ones((5, 8), np.float32), "BF16")   # (I+1, D)
+  raw["model.layers.0.mlp.experts.2.up_proj.weight"] = to_raw(np.ones((5, 8), np.float32), "F32")    # (I+1, D)
   write_safetensors(valid / "model.safetensors", raw)
   with pytest.raises(olmoe.OlmoeError, match="different shapes"): olmoe.load(str(valid), progress=False)
+
+
+def test_malformed_folders_through_the_command_line(tmp_path):
+  """A sample of the same edits through `python olmoe.py`: exit 0, or exit 2 with one `error:` line; never a
+  traceback, never a hang (each run is killed after 120 s), and no process over 2 GiB at its peak."""
+  import os, subprocess, sys, threading
+  from conftest import ROOT
+  valid, rng, codes, peaks = valid_folder(tmp_path), random.Random(99), [], []
+  for case in range(16):
+    folder = tmp_path / f"cli{case}"
+    shutil.copytree(valid, folder)
+    what = f"case {case}: " + (mutate(folder, rng) if case else "the valid folder")
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+      p = subprocess.Popen([sys.executable, str(ROOT / "olmoe.py"), "--model", str(folder), "--prompt", "hi",
+                            "--max-new-tokens", "2"], stdout=out, stderr=err)
+      timer = threading.Timer(120, p.kill); timer.start()
+      _, status, usage = os.wait4(p.pid, 0)                 # the child's own peak memory, in KiB
+      timer.cancel(); p.returncode = os.waitstatus_to_exitcode(status)
+    stderr = (tmp_path / "err").read_text()
+    lines = stderr.strip().splitlines()
+    assert p.returncode in (0, 2) and "Traceback" not in stderr, f"{what} (exit {p.returncode})\n{stderr[-2000:]}"
+    if p.returncode == 2: assert len(lines) == 1 and lines[0].startswith("error:"), f"{what}\n{stderr}"
+    codes.append(p.returncode); peaks.append(usage.ru_maxrss)
+  print(f"command line: {len(codes)} cases, {codes.count(2)} refused, {codes.count(0)} generated, "
+        f"largest process {max(peaks) / 1024:.0f} MiB")
+  assert codes[0] == 0 and codes.count(2) >= 8 and max(peaks) < 2 * 2 ** 20, (codes, peaks)
