@@ -175,12 +175,19 @@ def public_expert(raw: dict[str, Raw], config: dict, l: int, part: str) -> Raw:
   if key not in raw: raise OlmoeError(f"public model: missing tensor {key}")
   return raw[key]
 
+def checked_config(config: dict, folder: Path) -> dict:
+  """config.json of a recipe input, its values checked as FlexOlmo's loader checks them (types and ranges)."""
+  try: FlexOlmoConfig.from_dict({**config, "model_type": "flex_olmo", "expert_names": None})
+  except OlmoeError as e: raise OlmoeError(f"{folder}/{e}") from None
+  return config
+
 def read_public(folder: Path) -> tuple[dict, dict[str, Raw]]:
   """The public model's config.json and raw tensors."""
   if not folder.is_dir(): raise OlmoeError(f"{folder}: not a model folder (config.json + safetensors + tokenizer.json)")
   config = read_config(folder)
   if config.get("model_type") not in ("olmo2", "flex_olmo"):
     raise OlmoeError(f"{folder}: the public model must be olmo2 (dense) or flex_olmo, not {config.get('model_type')!r}")
+  checked_config(config, folder)
   raw = read_raw(folder)
   if len(kinds := sorted({t.dtype for t in raw.values()})) > 1: raise OlmoeError(f"{folder}: mixed tensor dtypes {kinds}")
   for l in range(config.get("num_hidden_layers", 0)):     # the public FFN and (FlexOlmo) router of every layer
@@ -320,7 +327,7 @@ def merge(public: Path, owners: list[tuple[str, Path]], out: Path, top_k: int | 
   for n, d in owners:
     if not d.is_dir(): raise OlmoeError(f"{d}: expert {n!r} is not a model folder")
   check_out(out, [public] + [d for _, d in owners])
-  inputs = [(read_config(d), read_raw(d), n, d) for n, d in owners]
+  inputs = [(checked_config(read_config(d), d), read_raw(d), n, d) for n, d in owners]
   for config, raw, n, d in inputs:
     if config.get("model_type") != "flex_olmo" or config.get("num_experts") != 2:
       raise OlmoeError(f"{d}: expert {n!r} must be a 2-expert flex_olmo checkpoint (from train-expert)")

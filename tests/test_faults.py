@@ -118,3 +118,17 @@ def test_weights_and_a_kv_cache_larger_than_memory_are_refused_before_allocating
   with pytest.raises(olmoe.OlmoeError, match="KV cache of 32 positions"): next(olmoe.generate(model, [[1, 2]], 2))
   monkeypatch.setattr(olmoe_checkpoint, "physical_memory", lambda: cache)
   assert len(list(olmoe.generate(model, [[1, 2]], 2, stop_ids=()))) == 2
+
+
+def test_merge_inputs_with_config_values_of_the_wrong_type_are_one_line(tmp_path):
+  rng = np.random.default_rng(3)
+  public = flex_folder(tmp_path / "public", 1, rng)
+  owner = flex_folder(tmp_path / "a", 2, rng, read_raw(public))
+  for folder in (public, owner):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": "1"}))
+    r = subprocess.run([sys.executable, str(ROOT / "flexolmo.py"), "merge", "--public", str(public), "--expert",
+                        f"a={owner}", "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "num_hidden_layers = '1' is not int" in lines[0], r.stderr
+    (folder / "config.json").write_text(json.dumps(config))
