@@ -301,7 +301,7 @@ def train_expert(public: Path, data: list[Path], out: Path, name: str, steps: in
     tensors[expert_key(l, 1, "up_proj")] = to_raw(gu[I:], dt)
     tensors[expert_key(l, 1, "down_proj")] = to_raw(dn1.numpy(), dt)
     row0 = row(raw[gate_key(l)], 0) if config["model_type"] == "flex_olmo" else to_raw(r0.numpy().reshape(D), dt)
-    tensors[gate_key(l)] = Raw(dt, [2, D], raw_bytes(row0) + raw_bytes(to_raw(r1.numpy().reshape(D), dt)))
+    tensors[gate_key(l)] = Raw(dt, [2, D], row0.as_bytes() + to_raw(r1.numpy().reshape(D), dt).as_bytes())
   new_config = {**config, "model_type": "flex_olmo", "architectures": ["FlexOlmoForCausalLM"], "num_experts": 2,
                 "num_experts_per_tok": 2, "expert_names": names}
   write_checkpoint(out, new_config, tensors, public / "tokenizer.json", [public])
@@ -364,17 +364,16 @@ def merge(public: Path, owners: list[tuple[str, Path]], out: Path, top_k: int | 
       tensors[expert_key(l, 0, p)] = public_expert(pub, pub_config, l, p)
       for e, (_, raw, _, _) in enumerate(inputs, start=1): tensors[expert_key(l, e, p)] = raw[expert_key(l, 1, p)]
     rows = [row(inputs[0][1][gate_key(l)], 0)] + [row(raw[gate_key(l)], 1) for _, raw, _, _ in inputs]
-    tensors[gate_key(l)] = Raw(rows[0].dtype, [E, D], b"".join(raw_bytes(r) for r in rows))         # (E, D)
+    tensors[gate_key(l)] = Raw(rows[0].dtype, [E, D], b"".join(r.as_bytes() for r in rows))         # (E, D)
   config = {**inputs[0][0], "num_experts": E, "num_experts_per_tok": k, "expert_names": names}
   write_checkpoint(out, config, tensors, public / "tokenizer.json", [public] + [d for _, d in owners])
 
 def row(t: Raw, i: int) -> Raw:
   """Row i of a 2-D raw tensor."""
-  data = raw_bytes(t)
+  data = t.as_bytes()
   n = len(data) // t.shape[0]
   return Raw(t.dtype, list(t.shape[1:]), data[i * n:(i + 1) * n])
 
-def raw_bytes(t: Raw) -> bytes: return t.data if isinstance(t.data, bytes) else np.ascontiguousarray(t.data).tobytes()
 
 
 # ============================================== command line ==============================================

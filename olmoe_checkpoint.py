@@ -161,8 +161,7 @@ def to_tensor(t: Stored | Tensor, dtype: DType | None = None) -> Tensor:
   if isinstance(t, Tensor): return t
   if dtype == dtypes.float32 and t.dtype != dtypes.float32:
     t.read_into(bits := np.empty(t.shape, np.uint16))
-    wide = (bits.astype(np.uint32) << 16).view(np.float32) if t.dtype == dtypes.bfloat16 else bits.view(np.float16).astype(np.float32)
-    return Tensor(wide)
+    return Tensor(widen(bits, t.dtype == dtypes.bfloat16))
   if hasattr(Device[Device.DEFAULT].allocator, "_as_buffer"):
     out = Tensor.empty(*t.shape, dtype=t.dtype).realize()
     mem = out.uop.buffer.ensure_allocated().as_memoryview(force_zero_copy=True)
@@ -273,6 +272,7 @@ class Raw(NamedTuple):
 
   @property
   def nbytes(self) -> int: return len(self.data) if isinstance(self.data, bytes) else self.data.nbytes
+  def as_bytes(self) -> bytes: return self.data if isinstance(self.data, bytes) else np.ascontiguousarray(self.data).tobytes()
 
 def read_raw(folder: Path) -> dict[str, Raw]:
   """Every tensor of a checkpoint (sharded or not) as its stored bytes, keyed by transformers' names."""
@@ -291,12 +291,15 @@ def bf16_bits(a: np.ndarray) -> np.ndarray:
   u = np.ascontiguousarray(a, np.float32).view(np.uint32).astype(np.uint64)
   return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
+def widen(bits: np.ndarray, bf16: bool) -> np.ndarray:
+  """16-bit float bit patterns (uint16) as float32, exactly: bf16 is the top half of an fp32, fp16 numpy converts."""
+  return (bits.astype(np.uint32) << 16).view(np.float32) if bf16 else bits.view(np.float16).astype(np.float32)
+
 def raw_to_numpy(t: Raw) -> np.ndarray:
   """The tensor as a float32 array (bf16 widened exactly)."""
-  data = t.data if isinstance(t.data, bytes) else np.ascontiguousarray(t.data).tobytes()
-  if t.dtype == "BF16": return (np.frombuffer(data, np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(t.shape)
+  if t.dtype == "BF16": return widen(np.frombuffer(t.as_bytes(), np.uint16), True).reshape(t.shape)
   if t.dtype not in NUMPY_DTYPES: raise OlmoeError(f"unsupported tensor dtype {t.dtype}")
-  return np.frombuffer(data, NUMPY_DTYPES[t.dtype]).astype(np.float32).reshape(t.shape)
+  return np.frombuffer(t.as_bytes(), NUMPY_DTYPES[t.dtype]).astype(np.float32).reshape(t.shape)
 
 def to_raw(a: np.ndarray, dtype: str) -> Raw:
   """A float array stored as `dtype`: "F32", "F16", or "BF16" (rounded by `bf16_bits`; a uint16 array is taken as

@@ -13,7 +13,7 @@ unless `DEV` is already set. `compiler()` says whether there is a compiler at al
 import tinygrad.
 """
 from __future__ import annotations
-import hashlib, json, os, platform, shutil, subprocess, tempfile
+import functools, hashlib, json, os, platform, shutil, subprocess, tempfile
 from pathlib import Path
 
 PROBE = """void probe(__bf16* restrict out) {
@@ -41,13 +41,18 @@ def _compile(args: list[str]) -> str:
   except subprocess.TimeoutExpired: return "timeout"
   except OSError: return "error"
 
+@functools.lru_cache(maxsize=None)
+def _verdict_file(cc: str, cache_home: str) -> Path | None:
+  """The file of verdicts for this compiler (its path and --version) and CPU; asked once per process."""
+  try: version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+  except (OSError, subprocess.TimeoutExpired): return None
+  key = hashlib.sha256(json.dumps([cc, version, sorted(_cpu_flags())]).encode()).hexdigest()[:16]
+  return Path(cache_home).expanduser() / "tinygrad" / f"olmoe-clang-{key}.json"
+
 def _verdict(name: str, probe) -> object:
   """probe()'s result, kept in a small file per compiler and CPU (a read-only folder only costs the probe again)."""
-  cc = shutil.which(os.environ.get("CC", "clang"))
-  try: version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-  except (OSError, subprocess.TimeoutExpired): return probe()
-  key = hashlib.sha256(json.dumps([cc, version, sorted(_cpu_flags())]).encode()).hexdigest()[:16]
-  cache = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "tinygrad" / f"olmoe-clang-{key}.json"
+  cache = _verdict_file(shutil.which(os.environ.get("CC", "clang")), os.environ.get("XDG_CACHE_HOME", "~/.cache"))
+  if cache is None: return probe()
   try: known = json.loads(cache.read_text())
   except (OSError, ValueError): known = {}
   if not isinstance(known, dict): known = {}
