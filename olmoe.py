@@ -36,6 +36,8 @@ from typing import Iterator, NamedTuple
 import numpy as np
 from tinygrad import Device, Tensor, TinyJit, UOp, dtypes
 from tinygrad.dtype import DType
+from tinygrad.function import function
+from tinygrad.helpers import TRAINING
 
 
 class OlmoeError(Exception):
@@ -62,6 +64,8 @@ class OlmoeConfig:
   norm_topk_prob: bool = False                # renormalise the k chosen probabilities to sum to 1 (OLMoE: no)
   router_aux_loss_coef: float = 0.01          # alpha: weight of the load-balancing loss in training
   router_z_loss_coef: float = 0.001           # beta: weight of the router z-loss (OLMoE paper; not in transformers)
+  capacity_factor: float | None = None        # an expert takes at most ceil(c*N*k/E) pairs per call (None = dropless)
+  router_bias_rate: float = 0.0               # gamma of auxiliary-loss-free balancing (0 = off; DeepSeek-V3)
   tie_word_embeddings: bool = False           # LM head shares the embedding matrix
   pad_token_id: int | None = 1                # id used to left-pad batches
   bos_token_id: int | None = None             # OLMoE prepends no BOS
@@ -116,7 +120,15 @@ class OlmoeConfig:
       raise OlmoeError("config: hidden_size must divide into heads, and heads into key/value heads")
     if not 0 < cfg.num_experts_per_tok <= cfg.num_experts:
       raise OlmoeError(f"config: num_experts_per_tok={cfg.num_experts_per_tok} must be in 1..num_experts={cfg.num_experts}")
-    return cfg
+    return cfg.checked()
+
+  def checked(self) -> "OlmoeConfig":
+    """Self, once the training options are in range (OlmoeError otherwise)."""
+    for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_bias_rate"):
+      if not (has_type(v := getattr(self, name), "float") and v >= 0): raise OlmoeError(f"config: {name} = {v!r} must be a number >= 0")
+    c = self.capacity_factor
+    if c is not None and not (has_type(c, "float") and c > 0): raise OlmoeError(f"config: capacity_factor = {c!r} must be > 0 (or None)")
+    return self
 
 
 SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -135,6 +147,7 @@ def has_type(v, annotation: str) -> bool:
 
 def linear(x: Tensor, w: Tensor) -> Tensor:
   """x @ w.T for an (out, in) weight, summed in fp32 and rounded once to x's dtype, as torch does in bf16."""
+  if TRAINING: return matmul(x.float(), w.float()).cast(x.dtype)            # a backward pass that runs fast, see matmul
   lanes = LANES if all(isinstance(n, int) and n == 1 for n in x.shape[:-1]) else 1   # see dot
   return dot(x.unsqueeze(-2), w, lanes).cast(x.dtype)                        # (..., 1, in) . (out, in) -> (..., out)
 
@@ -235,20 +248,33 @@ def topk(p: Tensor, k: int) -> tuple[Tensor, Tensor]:
   return slot.where(p.unsqueeze(-2), 0).sum(-1), idx                         # (..., k), (..., k)
 
 def route(h: Tensor, W_r: Tensor, k: int, renormalise: bool = False,
-          expert_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+          expert_mask: Tensor | None = None, bias: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
   """The router: z = W_r h, p = softmax(z) over all E experts (fp32), keep the top k.
 
   h (N, D) hidden states, W_r (E, D) router weights, expert_mask (E,) bool (False = the expert is excluded: its
   logit becomes -inf before the softmax, so it takes no slot and the softmax renormalises over the rest).
+  bias (E,) fp32, auxiliary-loss-free balancing (DeepSeek-V3): the k experts are those of largest p + bias, but
+  their weights are the unbiased p, so the bias steers the choice and never the mixture.
   Returns z (N, E) logits in the model dtype, g (N, k) weights in the model dtype (summing to < 1 unless
   `renormalise`), and i (N, k) int32 expert ids, slot 0 the most probable.
   """
   z = linear(h, W_r).contiguous()                                            # (N, E) materialised
   zf = z.float() if expert_mask is None else expert_mask.where(z.float(), -math.inf)
   p = zf.softmax(-1).contiguous()                                            # (N, E) fp32, materialised
-  g, i = topk(p, k)                                                          # (N, k), (N, k)
+  if bias is None: g, i = topk(p, k)                                         # (N, k), (N, k)
+  else: i = topk(p + bias, k)[1]; g = p.gather(-1, i)                        # chosen with the bias, weighted without
   if renormalise: g = g / g.sum(-1, keepdim=True)
   return z, g.cast(z.dtype), i
+
+def capacity_keep(i: Tensor, num_experts: int, capacity: int) -> Tensor:
+  """(N, k) bool: which (token, slot) pairs of i (N, k) fit when each expert takes at most `capacity` pairs.
+
+  GShard/Switch order: every token's first choice is served before any second choice, and within a slot earlier
+  tokens first. A pair that does not fit is dropped: its weight becomes 0 and the residual stream carries the token."""
+  N, k = i.shape
+  hits = i.transpose(0, 1).reshape(k * N, 1) == Tensor.arange(num_experts)  # (k*N, E) slot-major: first choices first
+  place = (hits.cast(dtypes.int32).cumsum(0) * hits).sum(-1)                 # (k*N,) 1-based place in its expert's queue
+  return (place <= capacity).reshape(k, N).transpose(0, 1)                   # (N, k)
 
 
 # ======================================= experts and the MoE block =======================================
@@ -262,6 +288,18 @@ def expert_ffn(x: Tensor, e: Tensor, W_gate_up: Tensor, W_down: Tensor) -> Tenso
   gu = dot(x.unsqueeze(1), take(W_gate_up, e)).cast(x.dtype)                # (P, 1, D) . (P, 2I, D) -> (P, 2I)
   a = (gu[:, :I].silu() * gu[:, I:]).contiguous()                            # (P, I) SwiGLU, materialised
   return dot(a.unsqueeze(1), take(W_down, e)).cast(x.dtype).contiguous()    # (P, 1, I) . (P, D, I) -> (P, D) materialised
+
+def experts_weighted(h: Tensor, G: Tensor, W_gate_up: Tensor, W_down: Tensor) -> Tensor:
+  """sum_e G[n, e] * expert_e(h_n) for every token: h (N, D), G (N, E) weights, zero off the chosen experts -> (N, D).
+
+  The MoE block's sum written as two plain matrix products over all E experts (the training path): their backward
+  passes are plain matrix products too, where the gathered form's weight gradient is a scatter over (token, slot)
+  pairs. An expert that a token does not choose is computed and multiplied by 0: E/k times the arithmetic."""
+  (N, D), (E, I2, _) = h.shape, W_gate_up.shape
+  I = I2 // 2
+  gu = matmul(h, W_gate_up.reshape(E * I2, D)).reshape(N, E, I2)            # (N, E, 2I) every expert's [gate; up]
+  a = gu[..., :I].silu() * gu[..., I:] * G.unsqueeze(-1)                     # (N, E, I) SwiGLU, times the weight
+  return matmul(a.reshape(N, E * I), W_down.permute(1, 0, 2).reshape(D, E * I))   # (N, E*I) . (D, E*I) -> (N, D)
 
 
 class Experts:
@@ -280,20 +318,32 @@ class Experts:
     y = expert_ffn(x, in_bounds(e, self.down_proj.shape[0]), self.gate_up_proj, self.down_proj)   # (P, D)
     return (y if back is None else y[back]).reshape(N, k, D)               # (N, k, D) in pair order
 
+  def weighted(self, h: Tensor, g: Tensor, i: Tensor) -> Tensor:
+    """sum_s g_s * expert_{i_s}(h) for h (N, D), g and i (N, k) -> (N, D), through every expert (the training path)."""
+    G = (i.unsqueeze(-1) == Tensor.arange(self.down_proj.shape[0])).where(g.float().unsqueeze(-1), 0).sum(1)   # (N, E)
+    return experts_weighted(h.float(), G, self.gate_up_proj.float(), self.down_proj.float()).cast(h.dtype)
+
 
 class SparseMoeBlock:
   """The MoE feed-forward layer: y = sum_{s<k} g_s * expert_{i_s}(x), with (g, i) from the router.
 
-  Only the k chosen experts run for each token (no dense all-experts compute), and none is ever dropped."""
+  Only the k chosen experts run for each token, and none is dropped (OLMoE is dropless) unless the config sets a
+  capacity factor. While gradients are being taken (tinygrad's TRAINING context) the same sum goes through every
+  expert with zero weights off the chosen ones (`Experts.weighted`): same routing, same result up to fp32 rounding."""
   def __init__(self, cfg: OlmoeConfig):
     self.cfg = cfg
     self.gate = Tensor.normal(cfg.num_experts, cfg.hidden_size, std=0.02)    # (E, D) router W_r
     self.experts = Experts(cfg)
+    # (E,) selection bias of auxiliary-loss-free balancing, moved by `update_router_bias` (not a trained weight)
+    self.expert_bias = Tensor.zeros(cfg.num_experts).contiguous() if cfg.router_bias_rate > 0 else None
 
   def __call__(self, x: Tensor, expert_mask: Tensor | None = None, k: int | None = None) -> tuple[Tensor, tuple]:
     B, T, D = x.shape
-    h = x.reshape(B * T, D)                                                  # (N, D)
-    z, g, i = route(h, self.gate, k or self.cfg.num_experts_per_tok, self.cfg.norm_topk_prob, expert_mask)  # (N, E), (N, k), (N, k)
+    h, k = x.reshape(B * T, D), k or self.cfg.num_experts_per_tok            # (N, D)
+    z, g, i = route(h, self.gate, k, self.cfg.norm_topk_prob, expert_mask, self.expert_bias)  # (N, E), (N, k), (N, k)
+    if self.cfg.capacity_factor is not None:                                 # over-capacity pairs weigh 0
+      g = capacity_keep(i, self.cfg.num_experts, math.ceil(self.cfg.capacity_factor * B * T * k / self.cfg.num_experts)).where(g, 0)
+    if TRAINING: return self.experts.weighted(h, g, i).reshape(B, T, D), (z, g, i)
     y = self.experts(h, i)                                                   # (N, k, D)
     out = (y * g.unsqueeze(-1)).float().sum(1).cast(x.dtype)                 # (N, D) weighted sum over the k slots
     return out.reshape(B, T, D), (z, g, i)
@@ -384,7 +434,7 @@ class Olmoe:
 def _weights(obj, prefix="") -> Iterator[tuple[str, Tensor]]:
   """(dotted name, tensor) of every weight of a layer: its tensors and those of its parts, not the KV cache."""
   for name, v in vars(obj).items():
-    if isinstance(v, Tensor) and name != "cache_kv": yield prefix + name, v
+    if isinstance(v, Tensor) and name not in ("cache_kv", "expert_bias"): yield prefix + name, v
     elif isinstance(v, (Attention, SparseMoeBlock, Experts)): yield from _weights(v, f"{prefix}{name}.")
 
 def attention_mask_3d(T: int, S: int, start_pos: int | UOp, key_ok: Tensor | None) -> Tensor:
@@ -401,33 +451,66 @@ def attention_mask_3d(T: int, S: int, start_pos: int | UOp, key_ok: Tensor | Non
 
 # ================================================ losses ================================================
 
-def load_balancing_loss(router_logits: list[Tensor], num_experts: int, k: int,
-                        attention_mask: Tensor | None = None) -> Tensor:
-  """transformers' Switch-style auxiliary loss over all layers: E * sum_e f_e * P_e.
+LB_CONVENTIONS = ("olmoe", "transformers")
 
-  f_e = share of (token, slot) assignments that went to expert e (sums to k over e), P_e = mean router probability
-  of e. Perfectly uniform routing gives k (not 1: transformers does not divide by k). Padding (mask 0) is ignored."""
-  p = Tensor.cat(*[z.softmax(-1) for z in router_logits], dim=0).float()         # (L*N, E), softmax in z's dtype
-  _, i = topk(p, k)                                                               # (L*N, k)
-  hits = (i.unsqueeze(-1) == Tensor.arange(num_experts)).float().sum(1)           # (L*N, E) 0/1 per expert
-  m = Tensor.ones(p.shape[0], 1) if attention_mask is None else \
-      attention_mask.reshape(1, -1).expand(len(router_logits), -1).reshape(-1, 1).float()   # (L*N, 1)
-  f, P = (hits * m).sum(0) / m.sum(), (p * m).sum(0) / m.sum()                     # (E,), (E,)
-  return (f * P).sum() * num_experts
+def load_balancing_loss(router_logits: list[Tensor], num_experts: int, k: int, attention_mask: Tensor | None = None,
+                        convention: str = "olmoe") -> Tensor:
+  """The Switch-style auxiliary loss E * sum_e f_e * P_e, in one of two conventions (padding, mask 0, is ignored).
+
+  P_e = mean router probability of expert e; f_e = share of the (token, slot) assignments that went to e.
+  - "olmoe": what OLMoE was trained with (MegaBlocks' `batched_load_balancing_loss`): per layer, f normalised to
+    sum to 1, then the L layers' values averaged. Perfectly uniform routing gives 1 in every layer.
+  - "transformers": `OlmoeForCausalLM`'s aux_loss: f (summing to k) and P pooled over the tokens of all layers
+    before the product. Uniform routing gives k; a model whose layers each use a different subset of the experts
+    can also score as balanced, because an expert's load in one layer meets its probability in another."""
+  if convention not in LB_CONVENTIONS: raise OlmoeError(f"load-balancing convention {convention!r}: use one of {LB_CONVENTIONS}")
+  L = len(router_logits)
+  p = Tensor.stack(*[z.softmax(-1) for z in router_logits]).float()              # (L, N, E), softmax in z's dtype
+  _, i = topk(p, k)                                                               # (L, N, k)
+  hits = (i.unsqueeze(-1) == Tensor.arange(num_experts)).float().sum(-2)          # (L, N, E) 0/1 per expert
+  m = Tensor.ones(1, p.shape[1], 1) if attention_mask is None else attention_mask.reshape(1, -1, 1).float()  # (1, N, 1)
+  if convention == "transformers":
+    f, P = (hits * m).sum((0, 1)) / (L * m.sum()), (p * m).sum((0, 1)) / (L * m.sum())   # (E,), (E,) pooled
+    return (f * P).sum() * num_experts
+  f, P = (hits * m).sum(1) / (k * m.sum()), (p * m).sum(1) / m.sum()             # (L, E), (L, E) per layer
+  return (f * P).sum(-1).mean() * num_experts
 
 def router_z_loss(router_logits: list[Tensor]) -> Tensor:
-  """Mean over tokens and layers of logsumexp(z)^2: keeps router logits small (OLMoE paper, ST-MoE)."""
-  return Tensor.cat(*[z.float().logsumexp(-1) for z in router_logits]).square().mean()
+  """Mean over tokens of logsumexp(z)^2, averaged over layers: keeps router logits small (ST-MoE; the OLMoE
+  paper's beta term; MegaBlocks' `batched_router_zloss` gives the per-layer means)."""
+  return Tensor.stack(*[z.float().logsumexp(-1).square().mean() for z in router_logits]).mean()
 
-def lm_loss(model: Olmoe, ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-  """Training objective CE + alpha * LB + beta * Z for a batch ids (B, T); returns (total, parts)."""
+def lm_loss(model: Olmoe, ids: Tensor, attention_mask: Tensor | None = None, alpha: float | None = None,
+            beta: float | None = None, convention: str = "olmoe") -> tuple[Tensor, dict[str, Tensor]]:
+  """Training objective CE + alpha * LB + beta * Z for a batch ids (B, T); returns (total, parts).
+
+  By default OLMoE's recipe: the load-balancing loss in MegaBlocks' per-layer form (balanced value 1), alpha and
+  beta from the config (0.01 and 0.001 in OLMoE's). convention="transformers" gives the pooled form that
+  `OlmoeForCausalLM` adds (balanced value k: the same alpha weighs it k times more). 0 turns a term off."""
+  alpha = model.cfg.router_aux_loss_coef if alpha is None else alpha
+  beta = model.cfg.router_z_loss_coef if beta is None else beta
+  for name, v in (("alpha", alpha), ("beta", beta)):
+    if not (has_type(v, "float") and v >= 0): raise OlmoeError(f"{name} = {v!r} must be a number >= 0")
   logits, routing = model(ids, attention_mask, return_routing=True)               # (B, T, V)
   labels = ids[:, 1:] if attention_mask is None else attention_mask[:, 1:].cast(dtypes.bool).where(ids[:, 1:], -100)
   ce = logits[:, :-1].float().sparse_categorical_crossentropy(labels, ignore_index=-100)
-  lb = load_balancing_loss(routing.logits, model.cfg.num_experts, model.cfg.num_experts_per_tok, attention_mask)
+  lb = load_balancing_loss(routing.logits, model.cfg.num_experts, model.top_k, attention_mask, convention)
   z = router_z_loss(routing.logits)
-  total = ce + model.cfg.router_aux_loss_coef * lb + model.cfg.router_z_loss_coef * z
-  return total, {"ce": ce, "lb": lb, "z": z}
+  return ce + alpha * lb + beta * z, {"ce": ce, "lb": lb, "z": z}
+
+def expert_load(routing: Routing, num_experts: int) -> Tensor:
+  """(L, E) fp32: the share of each layer's (token, slot) assignments that went to each expert (rows sum to 1)."""
+  i = Tensor.stack(*routing.experts)                                              # (L, N, k)
+  return (i.unsqueeze(-1) == Tensor.arange(num_experts)).float().sum(-2).mean(1) / i.shape[-1]
+
+def update_router_bias(model: Olmoe, routing: Routing, rate: float | None = None) -> None:
+  """Auxiliary-loss-free balancing (DeepSeek-V3), after a training step: each layer's expert bias moves by `rate`
+  (gamma, default the config's) toward the experts that took less than the mean load: b_e += gamma * sign(mean - load_e)."""
+  rate = model.cfg.router_bias_rate if rate is None else rate
+  load = expert_load(routing, model.cfg.num_experts)                              # (L, E)
+  for l, layer in enumerate(model.layers):
+    if (b := layer.mlp.expert_bias) is None: raise OlmoeError("the model has no router bias: set router_bias_rate > 0 in its config")
+    b.assign(b + rate * (load[l].mean() - load[l]).sign())
 
 
 # =========================================== tinygrad helpers ===========================================
@@ -447,6 +530,23 @@ def dot(x: Tensor, w: Tensor, lanes: int = LANES) -> Tensor:
   c = lanes if K % lanes == 0 else 1
   xs, ws = x.float().reshape(*x.shape[:-1], K // c, c), w.float().reshape(*w.shape[:-1], K // c, c)
   return (xs * ws).sum(-2).sum(-1)
+
+def _matmul_grads(dy, call):
+  """(dx, dw) of y = x @ w.T: dx = dy @ w, dw = dy.T @ x, with dy materialised once and transposed in memory.
+
+  tinygrad's own backward would fuse dy's expression into both products (recomputing it per output) and reduce
+  dw over tokens along dy's strided axis; a transposed copy turns both into ordinary row-major products."""
+  x, w, dy = Tensor(call.src[1]), Tensor(call.src[2]), Tensor(dy).contiguous()
+  x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])         # (M, in), (M, out)
+  return (dy @ w).uop, (dy2.transpose(0, 1).contiguous() @ x2).uop         # (..., in), (out, in)
+
+@function(grad_fxn=_matmul_grads)
+def _matmul(x: Tensor, w: Tensor) -> Tensor: return x @ w.transpose(0, 1)
+
+def matmul(x: Tensor, w: Tensor) -> Tensor:
+  """x @ w.T for x (..., in) and w (out, in), with the backward pass of `_matmul_grads` (the training path's
+  products). x is materialised first, so the backward reads it instead of recomputing it."""
+  return _matmul(x.contiguous(), w)
 
 def in_bounds(i: Tensor, n: int) -> Tensor:
   """Ids i, already in [0, n), materialised and clipped to [0, n): a no-op that tells the compiler every load

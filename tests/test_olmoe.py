@@ -37,7 +37,7 @@ def test_logits_and_router_logits_match_transformers(pair):
   for ours, theirs in zip(routing.logits, out.router_logits):
     assert np.abs(ours.numpy() - theirs.numpy()).max() <= 1e-5
   # transformers' aux_loss is the load-balancing loss over all layers
-  lb = olmoe.load_balancing_loss(routing.logits, model.cfg.num_experts, model.cfg.num_experts_per_tok).item()
+  lb = olmoe.load_balancing_loss(routing.logits, model.cfg.num_experts, model.cfg.num_experts_per_tok, convention="transformers").item()
   assert abs(lb - out.aux_loss.item()) <= 1e-5
 
 
@@ -52,7 +52,7 @@ def test_padded_batch_matches_transformers(tmp_path):
   logits, routing = model(Tensor(ids.numpy()), attention_mask=Tensor(mask.numpy()), return_routing=True)
   real = mask.numpy().astype(bool)                                      # padded positions carry no meaning
   assert np.abs(logits.numpy()[real] - out.logits.numpy()[real]).max() <= 1e-4
-  lb = olmoe.load_balancing_loss(routing.logits, 8, 2, Tensor(mask.numpy())).item()
+  lb = olmoe.load_balancing_loss(routing.logits, 8, 2, Tensor(mask.numpy()), "transformers").item()
   assert abs(lb - out.aux_loss.item()) <= 1e-5
 
 
@@ -241,18 +241,21 @@ def test_load_balancing_and_z_loss_by_hand():
   z = Tensor([[1.0, 0.0], [0.0, 2.0]])
   p = np.array([[math.e / (math.e + 1), 1 / (math.e + 1)], [1 / (1 + math.e ** 2), math.e ** 2 / (1 + math.e ** 2)]])
   f = np.array([0.5, 0.5]); P = p.mean(0)                          # each expert got one of the two tokens
-  assert abs(olmoe.load_balancing_loss([z], 2, 1).item() - 2 * (f * P).sum()) < 1e-6
+  assert abs(olmoe.load_balancing_loss([z], 2, 1, convention="transformers").item() - 2 * (f * P).sum()) < 1e-6
+  assert abs(olmoe.load_balancing_loss([z], 2, 1).item() - 2 * (f * P).sum()) < 1e-6      # k = 1: the conventions agree
   zl = np.mean([math.log(math.e + 1) ** 2, math.log(1 + math.e ** 2) ** 2])
   assert abs(olmoe.router_z_loss([z]).item() - zl) < 1e-5
-  # uniform routing: the loss is k, whatever E is (transformers does not divide by k)
-  assert abs(olmoe.load_balancing_loss([Tensor.zeros(8, 4)], 4, 2).item() - 2.0) < 1e-6   # P uniform: E * sum_e f_e / E = sum_e f_e = k
+  # uniform P: transformers' form gives k, whatever E is (it does not divide by k); OLMoE's gives 1
+  assert abs(olmoe.load_balancing_loss([Tensor.zeros(8, 4)], 4, 2, convention="transformers").item() - 2.0) < 1e-6   # E * sum_e f_e / E = sum_e f_e = k
+  assert abs(olmoe.load_balancing_loss([Tensor.zeros(8, 4)], 4, 2).item() - 1.0) < 1e-6
 
 
 def test_uniform_routing_gives_k():
   # every token routed evenly: 4 tokens, 4 experts, k = 2, logits chosen so p is uniform but top-2 rotates
   eps = 1e-3
   z = Tensor([[eps, eps, 0, 0], [0, eps, eps, 0], [0, 0, eps, eps], [eps, 0, 0, eps]])
-  assert abs(olmoe.load_balancing_loss([z], 4, 2).item() - 2.0) < 1e-2
+  assert abs(olmoe.load_balancing_loss([z], 4, 2, convention="transformers").item() - 2.0) < 1e-2
+  assert abs(olmoe.load_balancing_loss([z], 4, 2).item() - 1.0) < 1e-2
 
 
 def test_sampling_is_seeded_and_follows_the_distribution():

@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""A training step (forward, backward, AdamW) of olmoe.py in tinygrad next to transformers' OlmoeForCausalLM in
+PyTorch eager, same config, same batch, in one process; prints the median step times and their ratio.
+
+  python bench/train_step.py                        # the bundled demo's config: L=4, D=128, E=16, k=2, I=128, V=4096
+  python bench/train_step.py --scaled               # D=256, E=64, k=8 (OLMoE's E/k), I=128
+  python bench/train_step.py --steps 8 --batch 16 --seq 128
+
+Both minimise CE + 0.01 * load balancing (tinygrad: lm_loss's OLMoE form plus its z-loss; PyTorch: transformers'
+aux_loss), AdamW(0.9, 0.95). The first tinygrad steps compile and capture the step; the median is over the steps
+after `--warmup`. "experts share" is the time of the expert products alone (forward and backward of every layer's
+`experts_weighted` on the same number of tokens) over the tinygrad step.
+"""
+from __future__ import annotations
+import argparse, os, statistics, sys, time
+from pathlib import Path
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEMO = dict(vocab_size=4096, hidden_size=128, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_experts=16, num_experts_per_tok=2, max_position_embeddings=256)
+SCALED = dict(DEMO, hidden_size=256, num_experts=64, num_experts_per_tok=8)
+
+def tinygrad_steps(cfg_dict: dict, batches: list[np.ndarray]) -> list[float]:
+  import olmoe
+  from tinygrad import Tensor, TinyJit
+  from tinygrad.helpers import Context
+  from tinygrad.nn.optim import AdamW
+  Tensor.manual_seed(0)
+  model = olmoe.Olmoe(olmoe.OlmoeConfig(**cfg_dict))
+  params = list(model.parameters().values())
+  for p in params: p.requires_grad = True
+  opt = AdamW(params, lr=1e-3, b1=0.9, b2=0.95, weight_decay=0.01)
+  @TinyJit
+  def step(x: Tensor) -> Tensor:
+    opt.zero_grad()
+    loss, _ = olmoe.lm_loss(model, x)
+    loss.backward()
+    opt.step()
+    return loss.realize()
+  run, times = olmoe.step_runner(), []
+  with Context(TRAINING=1):
+    for x in batches:
+      t = time.perf_counter(); run(step, Tensor(x)).item(); times.append(time.perf_counter() - t)
+  return times
+
+def expert_products(cfg_dict: dict, N: int, n: int) -> list[float]:
+  """Forward and backward of all layers' experts_weighted on N tokens."""
+  import olmoe
+  from tinygrad import Tensor, TinyJit
+  from tinygrad.helpers import Context
+  E, D, I, L = cfg_dict["num_experts"], cfg_dict["hidden_size"], cfg_dict["intermediate_size"], cfg_dict["num_hidden_layers"]
+  Ws = [(Tensor.normal(E, 2 * I, D, std=0.02).realize(), Tensor.normal(E, D, I, std=0.02).realize()) for _ in range(L)]
+  for w in (w for pair in Ws for w in pair): w.requires_grad = True
+  @TinyJit
+  def f(h: Tensor, G: Tensor) -> Tensor:
+    loss = sum(olmoe.experts_weighted(h, G, gu, dn).square().mean() for gu, dn in Ws)
+    loss.backward()
+    return Tensor.stack(*[w.grad.sum() for pair in Ws for w in pair]).realize()
+  run, times, rng = olmoe.step_runner(), [], np.random.default_rng(0)
+  with Context(TRAINING=1):
+    for _ in range(n):
+      h, G = Tensor(rng.standard_normal((N, D), dtype=np.float32)), Tensor(rng.random((N, E), dtype=np.float32))
+      for w in (w for pair in Ws for w in pair): w.grad = None
+      t = time.perf_counter(); run(f, h, G).numpy(); times.append(time.perf_counter() - t)
+  return times
+
+def torch_steps(cfg_dict: dict, batches: list[np.ndarray]) -> list[float]:
+  import torch
+  from transformers import OlmoeConfig, OlmoeForCausalLM
+  torch.manual_seed(0)
+  cfg = OlmoeConfig(**cfg_dict, router_aux_loss_coef=0.01, attn_implementation="eager")
+  model = OlmoeForCausalLM(cfg).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01)
+  times = []
+  for x in batches:
+    t = time.perf_counter()
+    ids = torch.from_numpy(x.astype(np.int64))
+    out = model(ids, labels=ids, output_router_logits=True)
+    opt.zero_grad(); out.loss.backward(); opt.step()
+    times.append(time.perf_counter() - t)
+  return times
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--scaled", action="store_true", help="D=256, E=64, k=8 instead of the demo's config")
+  ap.add_argument("--steps", type=int, default=8)
+  ap.add_argument("--warmup", type=int, default=3, help="tinygrad steps left out of the median (compile, capture)")
+  ap.add_argument("--batch", type=int, default=16)
+  ap.add_argument("--seq", type=int, default=128)
+  a = ap.parse_args()
+  from olmoe_cli import prepare_compiler
+  prepare_compiler()
+  cfg = SCALED if a.scaled else DEMO
+  rng = np.random.default_rng(0)
+  batches = [rng.integers(0, cfg["vocab_size"], (a.batch, a.seq)).astype(np.int32) for _ in range(a.steps)]
+  import torch
+  pt = torch_steps(cfg, batches)
+  tg = tinygrad_steps(cfg, batches)
+  ex = expert_products(cfg, a.batch * a.seq, a.steps)
+  med = lambda t: statistics.median(t[a.warmup:]) if len(t) > a.warmup else statistics.median(t)
+  name = "scaled (D=256, E=64, k=8)" if a.scaled else "demo (D=128, E=16, k=2)"
+  print(f"config {name}, B={a.batch}, T={a.seq}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+  print(f"  pytorch eager step   {med(pt) * 1e3:8.0f} ms   (steps: {' '.join(f'{t:.2f}' for t in pt)})")
+  print(f"  tinygrad step        {med(tg) * 1e3:8.0f} ms   (steps: {' '.join(f'{t:.2f}' for t in tg)})")
+  print(f"  ratio tinygrad/pytorch  {med(tg) / med(pt):.1f}x")
+  print(f"  experts share of the tinygrad step  {med(ex) / med(tg):.0%} ({med(ex) * 1e3:.0f} ms)")
+
+if __name__ == "__main__":
+  main()
