@@ -7,8 +7,8 @@
 What it does, in order:
   1. trains a byte-level BPE tokenizer on an equal share of the three domains (demo/data.py) -> tokenizer.json;
   2. tokenises the domains with Tokenizer (the tokenizer.json -> tiktoken path the real checkpoints use);
-  3. trains the model on CE + 0.01 * load balancing + 0.001 * router z-loss (the OLMoE paper's objective, the same
-     formulas as olmoe.lm_loss), AdamW, linear warm-up then cosine decay; each batch row is a random window of one
+  3. trains the model on CE + 0.01 * load balancing + 0.001 * router z-loss (the OLMoE paper's coefficients, with
+     the load balancing in transformers' pooled form, olmoe.lm_loss(..., convention="transformers")), AdamW, linear warm-up then cosine decay; each batch row is a random window of one
      domain, the domain drawn uniformly, all from numpy's generator seeded with (seed, step): any step's batch can be
      rebuilt, so resuming is exact;
   4. saves a resumable checkpoint (weights, optimizer state, losses) every --save-every steps and snapshots of the
@@ -18,9 +18,9 @@ What it does, in order:
 
 The gradients come from PyTorch: the network is transformers' `OlmoeForCausalLM` (or `Olmo2ForCausalLM`), the
 model olmoe.py is tested equal to (tests/test_olmoe.py), built from the same config. On this 2-core CPU a training
-step of tinygrad's compiled backward pass takes ~45 s (its kernels for the expert weight gradients reduce over
-tokens along a strided axis), PyTorch's well under a second; tinygrad's own training path stays tested by
-tests/test_olmoe.py (olmoe.lm_loss, a step that lowers the loss) and is what flexolmo.py's train-expert uses.
+step of olmoe.py's training path still takes several times PyTorch's (bench/README.md, "Training step"); tinygrad's
+training path is tested against transformers' gradients (tests/test_training.py) and is what flexolmo.py's
+train-expert uses.
 Everything the demo *runs* (generation, --show-routing, the analyses and figures) is olmoe.py.
 
 `--arch olmo2` trains a dense OLMo 2 model instead (`model_type: olmo2`): the public model of the FlexOlmo demo
@@ -64,7 +64,8 @@ def build_model(arch: str, cfg_dict: dict, seed: int):
 def losses(model, x, arch: str):
   """(total, ce, lb, z) for a batch x (B, T + 1) of token ids: next-token CE on x[:, :-1] -> x[:, 1:], plus for
   OLMoE the load-balancing loss E * sum_e f_e P_e (transformers' form: k at uniform load) and the router z-loss
-  mean(logsumexp(z)^2), as olmoe.load_balancing_loss and olmoe.router_z_loss compute them."""
+  mean(logsumexp(z)^2), as olmoe.load_balancing_loss(..., convention="transformers") and olmoe.router_z_loss
+  compute them."""
   import torch
   moe = arch == "olmoe"
   out = model(input_ids=x[:, :-1], **({"output_router_logits": True} if moe else {}))

@@ -20,7 +20,7 @@ top = np.argsort(-p, axis=-1, kind="stable")[:, :k]      # (L * 8, k)
 f = np.bincount(top.ravel(), minlength=E) / len(p)       # sums to k
 P = p.mean(0)                                            # sums to 1
 lb = E * (f * P).sum()
-ours = olmoe.load_balancing_loss([Tensor(z) for z in logits], E, k, Tensor(mask)).item()
+ours = olmoe.load_balancing_loss([Tensor(z) for z in logits], E, k, Tensor(mask), "transformers").item()
 
 np.set_printoptions(precision=3, suppress=True)
 print("f =", f, "  sum", f.sum())

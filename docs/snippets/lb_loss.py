@@ -25,7 +25,7 @@ routings = {   # router logits (N=4 tokens, E=4)
 np.set_printoptions(precision=3, suppress=True)
 for name, z in routings.items():
   f, P, lb = by_hand(z, k)
-  ours = olmoe.load_balancing_loss([Tensor(z.astype(np.float32))], E, k).item()
+  ours = olmoe.load_balancing_loss([Tensor(z.astype(np.float32))], E, k, convention="transformers").item()
   print(f"{name:9s}  f = {f}  P = {P}")
   print(f"{'':9s}  E*sum(f*P) = {lb:.4f}   olmoe: {ours:.4f}   /k: {lb / k:.4f}")
 
@@ -38,7 +38,7 @@ print(f"below 1    f = {f}  P = {P}  E*sum(f*P) = {lb:.4f}")
 # dLB/dz[n, j] = (E/N) p[n, j] (f_j - sum_e f_e p[n, e])
 z = Tensor(routings["skewed"].astype(np.float32))
 z.requires_grad = True
-olmoe.load_balancing_loss([z], E, k).backward()
+olmoe.load_balancing_loss([z], E, k, convention="transformers").backward()
 f, P, _ = by_hand(routings["skewed"], k)
 p = softmax(routings["skewed"])
 formula = E / len(p) * p * (f - (p * f).sum(-1, keepdims=True))
