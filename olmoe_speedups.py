@@ -25,7 +25,7 @@ What each gives is measured in bench/README.md ("Runtime accelerations: on and o
    `CACHELEVEL=0`, tinygrad's switch for its disk caches, turns it off.
 """
 from __future__ import annotations
-import ctypes, importlib.metadata, itertools, os, pickle, sys, tempfile, time
+import ctypes, hashlib, importlib.metadata, itertools, os, pickle, platform, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,11 +34,13 @@ from typing import Any, Callable, Iterator
 WRITTEN_FOR = "0.14.0"                          # the tinygrad version whose internals this file uses
 TINYGRAD = importlib.metadata.version("tinygrad")
 try:                                            # private names: a tinygrad that renamed one leaves us switched off
-  from tinygrad.engine.jit import CapturedJit
+  from tinygrad.engine.jit import CapturedJit, TinyJit
   from tinygrad.engine.realize import get_call_arg_uops, get_runtime
   from tinygrad.helpers import CACHEDB, CACHELEVEL, DEBUG, NUM_CPU_THREADS
   from tinygrad.runtime.ops_cpu import CPUProgram
-  from tinygrad.uop.ops import Ops
+  from tinygrad.uop.ops import Ops, UOp
+  from tinygrad.device import Buffer
+  from tinygrad.tensor import Tensor
   import tinygrad.codegen
   _IMPORTED = hasattr(tinygrad.codegen, "to_program_cache")
 except ImportError:
@@ -195,28 +197,200 @@ class ProgramCache:
     self.stored = len(self.ours)
 
 
+# ============================================== captured-step cache ==============================================
+
+STEP_FORMAT = 1              # bumped when the layout of a step file changes
+CONSTANT_MAX = 1 << 24       # bytes: a step whose own constant buffers hold more is not kept
+
+def step_cache_dir() -> Path: return Path(CACHEDB).parent / "olmoe-steps"
+
+def _source_digest(*modules) -> str:
+  """A digest of the modules' source files: a change to the model's code changes every key."""
+  h = hashlib.sha256()
+  for m in modules:
+    f = getattr(m, "__file__", None)
+    h.update(Path(f).read_bytes() if f and Path(f).exists() else repr(m).encode())
+  return h.hexdigest()
+
+def _cpu_identity() -> str:
+  """The CPU's model and flags: a step's binaries are compiled for this CPU (`-march=native`)."""
+  try: lines = Path("/proc/cpuinfo").read_text().splitlines()
+  except OSError: return platform.processor()
+  return "|".join(next((l for l in lines if l.startswith(k)), "") for k in ("model name", "flags"))
+
+def _held_buffers(model) -> list:
+  """The base BUFFER uops of the model's weights and KV caches, in an order that is the same in every process that
+  loads the same checkpoint: a step file names them by position instead of holding their contents."""
+  tensors = [t for _, t in sorted(model.parameters().items())]
+  tensors += [t for B in sorted(model._caches) for t in model._caches[B]]
+  seen: dict = {}
+  for t in tensors:
+    for u in t.uop.toposort():
+      if u.op is Ops.BUFFER and u not in seen: seen[u] = len(seen)
+  return list(seen)
+
+def _first_reads(linear) -> set:
+  """The base buffers that some kernel of the step reads before any kernel writes them: its constants."""
+  written, read_first = set(), set()
+  for call in linear.src:
+    ast, args = call.src[0], get_call_arg_uops(call)
+    if ast.op is not Ops.PROGRAM: raise ValueError("not a kernel")
+    bases = lambda j: {u for u in args[j].toposort() if u.op is Ops.BUFFER}
+    for j in ast.arg.ins:
+      read_first |= bases(j) - written
+    for j in ast.arg.outs: written |= bases(j)
+  return read_first
+
+class _StepPickler(pickle.Pickler):
+  """Pickles a captured step with its buffers named instead of copied: ("held", position) for the model's weights
+  and KV caches, ("own", number, dtype, size, device, contents or None) for the step's own buffers, whose number
+  in the file is theirs only (tinygrad's buffer numbers are per process)."""
+  def __init__(self, f, held: dict, constants: set):
+    super().__init__(f, protocol=pickle.HIGHEST_PROTOCOL)
+    self.held, self.constants, self.own = held, constants, {}
+
+  def persistent_id(self, obj):
+    if obj.__class__ is Tensor: return ("tensor", obj.uop)
+    if isinstance(obj, Buffer): raise ValueError("a device buffer outside a uop")   # would copy its contents
+    # a kernel's own registers are BUFFERs too, of no device: they are code, pickled as they are
+    if obj.__class__ is not UOp or obj.op is not Ops.BUFFER or obj.arg.device is None: return None
+    size, device = obj.src[0].arg, obj.arg.device
+    if (i := self.held.get(obj)) is not None: return ("held", i, obj.dtype, size, device)
+    content = None
+    if obj in self.constants:
+      if obj.buffer.nbytes > CONSTANT_MAX: raise ValueError("constant too large to keep")
+      content = bytes(obj.buffer.as_memoryview())
+    return ("own", self.own.setdefault(obj, len(self.own)), obj.dtype, size, device, content)
+
+class _StepUnpickler(pickle.Unpickler):
+  """Reads what `_StepPickler` wrote, binding the named buffers to `held` (the model's, by position) and making each
+  of the step's own buffers once, new in this process."""
+  def __init__(self, f, held: list):
+    super().__init__(f)
+    self.held, self.own = held, {}
+
+  def persistent_load(self, pid):
+    if pid[0] == "tensor": return Tensor(pid[1])
+    if pid[0] == "held":
+      _, i, dtype, size, device = pid
+      u = self.held[i]
+      if u.dtype != dtype or u.arg.device != device or u.src[0].arg != size: raise ValueError("another buffer layout")
+      return u
+    _, n, dtype, size, device, content = pid
+    if (u := self.own.get(n)) is None:
+      u = self.own[n] = UOp.new_buffer(device, size, dtype)
+      if content is not None: u.buffer.ensure_allocated().copyin(memoryview(bytearray(content)))
+    return u
+
+class StepCache:
+  """Captured TinyJit steps (a prefill per padded length, the decode step) kept across processes, one file per
+  step, so that a new process replays them at once instead of scheduling, lowering and capturing them again.
+
+  A file holds the step's kernels (with their binaries), its memory plan and the buffers it returns, but not the
+  model's weights or KV caches: those are named by position and bound, when the file is read, to the buffers of
+  the model in memory. The file name is a digest of everything the step depends on (tinygrad's version and
+  settings, the device and compile target, the CPU, the model's code, configuration, dtype and buffer layout, the
+  step's shapes), so a step is never used for another model, shape, dtype, device or version. An unreadable,
+  truncated or mismatching file reads as absent and is replaced; files are written to a temporary name and renamed,
+  so two processes writing at once leave one whole file; a folder that cannot be written costs only speed.
+  `CACHELEVEL=0` turns it off."""
+  def __init__(self, folder: Path | None = None): self.folder = folder or step_cache_dir()
+
+  def key(self, model, kind: str, shape: tuple, device: str) -> str:
+    import tinygrad.helpers
+    from tinygrad import Device
+    model_modules = {sys.modules[c.__module__] for c in type(model).__mro__ if c.__module__ in sys.modules
+                     and c.__module__ not in ("builtins",)}
+    settings = sorted((k, repr(v.value)) for k, v in tinygrad.helpers.ContextVar._cache.items())
+    parts = (STEP_FORMAT, TINYGRAD, sys.version_info[:2], device, str(Device[device].renderer.target),
+             _cpu_identity(), _source_digest(*sorted(model_modules, key=lambda m: m.__name__)),
+             type(model).__qualname__, repr(model.cfg), str(model.dtype), repr(getattr(model, "expert_mask", None)
+                                                                                is None), kind, shape, settings,
+             [(str(u.dtype), u.src[0].arg) for u in _held_buffers(model)])
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+
+  def path(self, key: str) -> Path: return self.folder / f"{key}.pkl"
+
+  def load(self, model, key: str) -> CapturedJit | None:
+    """The step stored under `key`, bound to `model`'s buffers, or None (no file, another format, unreadable)."""
+    if CACHELEVEL.value == 0: return None
+    try: data = self.path(key).read_bytes()
+    except OSError: return None
+    import io
+    try:
+      fmt, stored_key, (ret, linear, names, info) = _StepUnpickler(io.BytesIO(data), _held_buffers(model)).load()
+      if fmt != STEP_FORMAT or stored_key != key: return None
+      return CapturedJit(ret, linear, names, info)
+    except Exception: return None            # noqa: BLE001 -- corrupt or stale: as if there were no file
+
+  def store(self, model, key: str, captured: CapturedJit) -> bool:
+    """Write the step (temporary file, then rename); False where it cannot be kept (nothing is raised)."""
+    if CACHELEVEL.value == 0: return False
+    import io
+    try:
+      held = {u: i for i, u in enumerate(_held_buffers(model))}
+      f = io.BytesIO()
+      _StepPickler(f, held, _first_reads(captured._linear) - held.keys()).dump(
+        (STEP_FORMAT, key, (captured.ret, captured._linear, captured.expected_names, captured.expected_input_info)))
+    except Exception: return False           # noqa: BLE001 -- a step this cache cannot hold is simply not kept
+    try:
+      self.folder.mkdir(parents=True, exist_ok=True)
+      fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=key, suffix=".tmp")
+      try:
+        with os.fdopen(fd, "wb") as out: out.write(f.getvalue())
+        os.replace(tmp, self.path(key))
+      finally: Path(tmp).unlink(missing_ok=True)
+    except OSError: return False             # a read-only cache folder: nothing is kept, generation goes on
+    return True
+
+
 # ================================================ the runner ================================================
 
 class Runner:
-  """Runs the project's compiled steps (and the small calls around them) with the accelerations; `finish()` writes
-  the program cache. One per process (`runner()`)."""
+  """Runs the project's compiled steps (and the small calls around them) with the accelerations, and makes the steps
+  (`step`), taking them from the step cache where it holds them; `finish()` writes the program cache. One per
+  process (`runner()`)."""
   def __init__(self):
-    self.programs = ProgramCache()
-    self.programs.read()
+    self.programs, self.programs_read = ProgramCache(), False
+    self.steps = StepCache()
+
+  def step(self, model, kind: str, shape: tuple, fn: Callable, device: str) -> TinyJit:
+    """A TinyJit of fn for this model and shape: the stored capture where the step cache has it (replayed from the
+    first call), else one that captures on its first call (the kernels it then runs are those of the capture), to
+    be stored once captured."""
+    jit = TinyJit(fn)
+    if CACHELEVEL.value == 0: return jit
+    key = self.steps.key(model, kind, shape, device)
+    if (captured := self.steps.load(model, key)) is not None:
+      jit.captured, jit.cnt = captured, 2     # TinyJit's state after its capture
+      use_plan(jit)
+    else:
+      jit.cnt = 1                             # capture on the first call: one scheduling instead of two
+      jit.olmoe_store = (model, key)
+    return jit
 
   def run(self, fn: Callable, *args) -> Any:
     """fn(*args) with the kernel slices at once. Until fn is a captured step, the programs that the call lowers are
-    recorded for the cache, and once it is captured its replay is planned."""
+    recorded for the cache; once it is captured, it is stored in the step cache and its replay is planned."""
     if getattr(fn, "captured", None) is not None:
       with slices_at_once(): return fn(*args)
+    if not hasattr(fn, "captured"):           # a small uncompiled call: its few kernels are lowered as they come
+      with slices_at_once(): return fn(*args)
+    if not self.programs_read:                # read only by a process that schedules a step
+      self.programs.read()
+      self.programs_read = True
     with slices_at_once(), self.programs.record(): out = fn(*args)
-    if hasattr(fn, "captured"): use_plan(fn)
+    if fn.captured is not None and (pending := getattr(fn, "olmoe_store", None)) is not None:
+      self.steps.store(*pending, fn.captured)
+      del fn.olmoe_store
+    use_plan(fn)
     return out
 
   def finish(self) -> None: self.programs.write()
 
 class StockRunner:
   """The same interface on stock tinygrad."""
+  def step(self, model, kind: str, shape: tuple, fn: Callable, device: str) -> TinyJit: return TinyJit(fn)
   def run(self, fn: Callable, *args) -> Any: return fn(*args)
   def finish(self) -> None: pass
 
