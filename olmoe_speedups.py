@@ -25,7 +25,7 @@ What each gives is measured in bench/README.md ("Runtime accelerations: on and o
    `CACHELEVEL=0`, tinygrad's switch for its disk caches, turns it off.
 """
 from __future__ import annotations
-import ctypes, hashlib, importlib.metadata, itertools, os, pickle, platform, sys, tempfile, time
+import ctypes, hashlib, importlib.metadata, io, itertools, os, pickle, platform, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -218,11 +218,10 @@ def _cpu_identity() -> str:
   except OSError: return platform.processor()
   return "|".join(next((l for l in lines if l.startswith(k)), "") for k in ("model name", "flags"))
 
-def _held_buffers(model) -> list:
-  """The base BUFFER uops of the model's weights and KV caches, in an order that is the same in every process that
-  loads the same checkpoint: a step file names them by position instead of holding their contents."""
-  tensors = [t for _, t in sorted(model.parameters().items())]
-  tensors += [t for B in sorted(model._caches) for t in model._caches[B]]
+def _held_buffers(model, B: int) -> list:
+  """The base BUFFER uops of the model's weights and its KV caches for batch size B, in an order that is the same in
+  every process that loads the same checkpoint: a step file names them by position instead of holding them."""
+  tensors = [t for _, t in sorted(model.parameters().items())] + list(model._caches.get(B, []))
   seen: dict = {}
   for t in tensors:
     for u in t.uop.toposort():
@@ -297,38 +296,35 @@ class StepCache:
   def __init__(self, folder: Path | None = None): self.folder = folder or step_cache_dir()
 
   def key(self, model, kind: str, shape: tuple, device: str) -> str:
+    """The name of the step `kind` ("prefill", "decode") of `model` for `shape` (batch size first) on `device`."""
     import tinygrad.helpers
     from tinygrad import Device
-    model_modules = {sys.modules[c.__module__] for c in type(model).__mro__ if c.__module__ in sys.modules
-                     and c.__module__ not in ("builtins",)}
+    modules = sorted({c.__module__ for c in type(model).__mro__} - {"builtins"})
     settings = sorted((k, repr(v.value)) for k, v in tinygrad.helpers.ContextVar._cache.items())
-    parts = (STEP_FORMAT, TINYGRAD, sys.version_info[:2], device, str(Device[device].renderer.target),
-             _cpu_identity(), _source_digest(*sorted(model_modules, key=lambda m: m.__name__)),
-             type(model).__qualname__, repr(model.cfg), str(model.dtype), repr(getattr(model, "expert_mask", None)
-                                                                                is None), kind, shape, settings,
-             [(str(u.dtype), u.src[0].arg) for u in _held_buffers(model)])
+    parts = (STEP_FORMAT, TINYGRAD, sys.version_info[:2], device, str(Device[device].renderer.target), _cpu_identity(),
+             _source_digest(*(sys.modules[m] for m in modules)), type(model).__qualname__, repr(model.cfg),
+             str(model.dtype), kind, shape, settings, [(str(u.dtype), u.src[0].arg) for u in _held_buffers(model, shape[0])])
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
   def path(self, key: str) -> Path: return self.folder / f"{key}.pkl"
 
-  def load(self, model, key: str) -> CapturedJit | None:
-    """The step stored under `key`, bound to `model`'s buffers, or None (no file, another format, unreadable)."""
+  def load(self, model, key: str, B: int) -> CapturedJit | None:
+    """The step stored under `key` (for batch size B), bound to `model`'s buffers, or None (no file, another format,
+    unreadable or mismatching)."""
     if CACHELEVEL.value == 0: return None
     try: data = self.path(key).read_bytes()
     except OSError: return None
-    import io
     try:
-      fmt, stored_key, (ret, linear, names, info) = _StepUnpickler(io.BytesIO(data), _held_buffers(model)).load()
+      fmt, stored_key, (ret, linear, names, info) = _StepUnpickler(io.BytesIO(data), _held_buffers(model, B)).load()
       if fmt != STEP_FORMAT or stored_key != key: return None
       return CapturedJit(ret, linear, names, info)
     except Exception: return None            # noqa: BLE001 -- corrupt or stale: as if there were no file
 
-  def store(self, model, key: str, captured: CapturedJit) -> bool:
+  def store(self, model, key: str, B: int, captured: CapturedJit) -> bool:
     """Write the step (temporary file, then rename); False where it cannot be kept (nothing is raised)."""
     if CACHELEVEL.value == 0: return False
-    import io
     try:
-      held = {u: i for i, u in enumerate(_held_buffers(model))}
+      held = {u: i for i, u in enumerate(_held_buffers(model, B))}
       f = io.BytesIO()
       _StepPickler(f, held, _first_reads(captured._linear) - held.keys()).dump(
         (STEP_FORMAT, key, (captured.ret, captured._linear, captured.expected_names, captured.expected_input_info)))
@@ -351,7 +347,7 @@ class Runner:
   (`step`), taking them from the step cache where it holds them; `finish()` writes the program cache. One per
   process (`runner()`)."""
   def __init__(self):
-    self.programs, self.programs_read = ProgramCache(), False
+    self.programs, self.programs_read = ProgramCache(), None    # programs_read: how many the file held, once read
     self.steps = StepCache()
 
   def step(self, model, kind: str, shape: tuple, fn: Callable, device: str) -> TinyJit:
@@ -361,12 +357,12 @@ class Runner:
     jit = TinyJit(fn)
     if CACHELEVEL.value == 0: return jit
     key = self.steps.key(model, kind, shape, device)
-    if (captured := self.steps.load(model, key)) is not None:
+    if (captured := self.steps.load(model, key, shape[0])) is not None:
       jit.captured, jit.cnt = captured, 2     # TinyJit's state after its capture
       use_plan(jit)
     else:
       jit.cnt = 1                             # capture on the first call: one scheduling instead of two
-      jit.olmoe_store = (model, key)
+      jit.olmoe_store = (model, key, shape[0])
     return jit
 
   def run(self, fn: Callable, *args) -> Any:
@@ -374,19 +370,20 @@ class Runner:
     recorded for the cache; once it is captured, it is stored in the step cache and its replay is planned."""
     if getattr(fn, "captured", None) is not None:
       with slices_at_once(): return fn(*args)
-    if not hasattr(fn, "captured"):           # a small uncompiled call: its few kernels are lowered as they come
-      with slices_at_once(): return fn(*args)
-    if not self.programs_read:                # read only by a process that schedules a step
-      self.programs.read()
-      self.programs_read = True
+    if hasattr(fn, "captured") and self.programs_read is None:   # read only by a process that schedules a step
+      self.programs_read = self.programs.read()
     with slices_at_once(), self.programs.record(): out = fn(*args)
-    if fn.captured is not None and (pending := getattr(fn, "olmoe_store", None)) is not None:
-      self.steps.store(*pending, fn.captured)
-      del fn.olmoe_store
-    use_plan(fn)
+    if getattr(fn, "captured", None) is not None:
+      if (pending := getattr(fn, "olmoe_store", None)) is not None:
+        self.steps.store(*pending, fn.captured)
+        del fn.olmoe_store
+      use_plan(fn)
     return out
 
-  def finish(self) -> None: self.programs.write()
+  def finish(self) -> None:
+    """Write the program cache, only in a process that read it (one that scheduled a step): a process whose steps
+    all came from the step cache lowers only the small calls around them, and rewrites no file at its exit."""
+    if self.programs_read is not None: self.programs.write()
 
 class StockRunner:
   """The same interface on stock tinygrad."""
