@@ -635,5 +635,5 @@ def main(argv=None) -> int:
   return olmoe_cli.exit_code(run)
 
 if __name__ == "__main__":
-  import olmoe   # run as the module `olmoe` that the other files import, so that there is one OlmoeError class
-  sys.exit(olmoe.main())
+  import olmoe, olmoe_cli   # run as the module `olmoe` that the other files import: one OlmoeError class
+  olmoe_cli.exit_now(olmoe.main())
