@@ -3,7 +3,7 @@
 Written for tinygrad 0.14.0 (`WRITTEN_FOR`), and used only there, only on the CPU device, and only while one of the
 project's own compiled steps runs: `import olmoe` and `import olmoe_speedups` change nothing in tinygrad, and after
 each step every tinygrad class and global is as it was. With another tinygrad version generation runs on stock
-tinygrad and says so once on stderr; `OLMOE_SPEEDUPS=0` (or `enable(False)`) turns all three off. None of them
+tinygrad and says so once on stderr; `OLMOE_SPEEDUPS=0` (or `enable(False)`) turns them all off. None of them
 changes a kernel or an operand, so results are the same bit for bit with and without them (tests/test_speedups.py).
 What each gives is measured in bench/README.md ("Runtime accelerations: on and off").
 
@@ -22,7 +22,13 @@ What each gives is measured in bench/README.md ("Runtime accelerations: on and o
    kernel graph to C again in each new process (in Python), which is most of a fresh process's time to its first
    token. The lowered programs of the project's steps are kept in a file beside tinygrad's cache database, read
    once per process and written when a generation lowered new ones (to a temporary file, then renamed).
-   `CACHELEVEL=0`, tinygrad's switch for its disk caches, turns it off.
+   `CACHELEVEL=0`, tinygrad's switch for its disk caches, turns it off. Only a process that schedules a step reads
+   it, and only such a process writes it.
+4. Captured-step cache (`StepCache`). A new process would still schedule each step (the tensor graph to kernels, in
+   Python), run it once uncaptured and capture it on its second call: seconds before its first token and through its
+   first decode steps. The captured steps are kept, one file each, without the weights and KV caches (named by
+   position, bound to the model in memory when read), and a new process replays them from its first call; a step
+   not in the cache is captured on its first call. `CACHELEVEL=0` turns it off.
 """
 from __future__ import annotations
 import ctypes, hashlib, importlib.metadata, io, itertools, os, pickle, platform, sys, tempfile, time
