@@ -100,7 +100,7 @@ def test_another_model_shape_dtype_device_or_version_gets_another_key(ckpts, tmp
 
 
 def test_a_step_of_another_dtype_or_prompt_length_is_not_used(ckpts, steps, monkeypatch):
-  (path, theirs), _ = ckpts
+  (path, _), _ = ckpts
   tokens(olmoe.load(str(path), progress=False)[0])                      # fp32, 16 prompt positions: stored
   assert len(files(steps)) == 2
   bf16 = tokens(olmoe.load(str(path), dtype="bfloat16", progress=False)[0])
