@@ -433,4 +433,4 @@ def main(argv=None) -> int:
   return olmoe_cli.exit_code(run)
 
 if __name__ == "__main__":
-  sys.exit(main())
+  olmoe_cli.exit_now(main())

@@ -633,9 +633,11 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
     model._caches[B] = run(_kv_caches, model, B)
   for layer, cache in zip(model.layers, model._caches[B]): layer.self_attn.cache_kv = cache
   try:
-    prefill = model._prefills.setdefault((B, Tp, model.expert_mask is None, model.top_k), TinyJit(_prefill))
+    if (prefill := model._prefills.get(k := (B, Tp, model.expert_mask is None, model.top_k))) is None:
+      prefill = model._prefills[k] = run.step(model, "prefill", k, _prefill)
     logits, routing = run(prefill, model, ids, key_ok, offset, model.expert_mask)
-    decode = model._decoders.setdefault((B, model.expert_mask is None, model.top_k), TinyJit(_decode_step))
+    if (decode := model._decoders.get(k := (B, model.expert_mask is None, model.top_k))) is None:
+      decode = model._decoders[k] = run.step(model, "decode", k, _decode_step)
     v_pos = UOp.variable("start_pos", 1, S_max - 1)
     done = [False] * B
     for n in range(min(max_new_tokens, S_max - Tp)):
@@ -693,12 +695,15 @@ def _to_host(logits: Tensor, routing: Routing, with_routing: bool):
   return lg, last(routing.weights), last(routing.experts).astype(np.int64)
 
 def step_runner():
-  """How `generate` runs its compiled steps: `run(step, *args)`, with olmoe_speedups' accelerations of tinygrad's
-  CPU runtime where they apply (OLMOE_SPEEDUPS=0 turns them off), else as a plain call; `run.finish()` at the end."""
+  """How `generate` makes and runs its compiled steps: `run.step(model, kind, shape, fn)` makes one (a TinyJit of fn,
+  taken from olmoe_speedups' cache of captured steps where that applies), `run(step, *args)` calls it, with the
+  accelerations of tinygrad's CPU runtime where they apply (OLMOE_SPEEDUPS=0 turns them off), else as a plain call;
+  `run.finish()` at the end."""
   import olmoe_speedups
   r = olmoe_speedups.runner(Device.DEFAULT)
   run = lambda fn, *args: r.run(fn, *args)
   run.finish = r.finish
+  run.step = lambda model, kind, shape, fn: r.step(model, kind, shape, fn, Device.DEFAULT)   # a TinyJit of fn
   return run
 
 
@@ -730,5 +735,5 @@ def main(argv=None) -> int:
   return olmoe_cli.exit_code(run)
 
 if __name__ == "__main__":
-  import olmoe   # run as the module `olmoe` that the other files import, so that there is one OlmoeError class
-  sys.exit(olmoe.main())
+  import olmoe, olmoe_cli   # run as the module `olmoe` that the other files import: one OlmoeError class
+  olmoe_cli.exit_now(olmoe.main())

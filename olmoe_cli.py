@@ -4,7 +4,7 @@ Bad input (an impossible request, a missing or malformed model folder) ends in o
 checked before any model is loaded where it can be.
 """
 from __future__ import annotations
-import argparse, sys
+import argparse, atexit, os, sys
 from pathlib import Path
 from typing import Callable
 from olmoe import OlmoeError, Step, generate
@@ -97,3 +97,13 @@ def exit_code(run: Callable[[], None]) -> int:
     print("[stopped]", file=sys.stderr)
     return 130
   return 0
+
+def exit_now(code: int) -> None:
+  """End the command with `code` once its output is flushed and the exit handlers (tinygrad's, the thread pool's)
+  have run, without the interpreter's teardown: that frees, one by one, every object of tinygrad's graphs and
+  caches, which the process no longer needs; it took longer than the last tokens of a short generation."""
+  for stream in (sys.stdout, sys.stderr):
+    try: stream.flush()
+    except (OSError, ValueError): pass            # a closed pipe: there is no one left to read it
+  atexit._run_exitfuncs()
+  os._exit(code)

@@ -3,7 +3,7 @@
 Written for tinygrad 0.14.0 (`WRITTEN_FOR`), and used only there, only on the CPU device, and only while one of the
 project's own compiled steps runs: `import olmoe` and `import olmoe_speedups` change nothing in tinygrad, and after
 each step every tinygrad class and global is as it was. With another tinygrad version generation runs on stock
-tinygrad and says so once on stderr; `OLMOE_SPEEDUPS=0` (or `enable(False)`) turns all three off. None of them
+tinygrad and says so once on stderr; `OLMOE_SPEEDUPS=0` (or `enable(False)`) turns them all off. None of them
 changes a kernel or an operand, so results are the same bit for bit with and without them (tests/test_speedups.py).
 What each gives is measured in bench/README.md ("Runtime accelerations: on and off").
 
@@ -22,10 +22,16 @@ What each gives is measured in bench/README.md ("Runtime accelerations: on and o
    kernel graph to C again in each new process (in Python), which is most of a fresh process's time to its first
    token. The lowered programs of the project's steps are kept in a file beside tinygrad's cache database, read
    once per process and written when a generation lowered new ones (to a temporary file, then renamed).
-   `CACHELEVEL=0`, tinygrad's switch for its disk caches, turns it off.
+   `CACHELEVEL=0`, tinygrad's switch for its disk caches, turns it off. Only a process that schedules a step reads
+   it, and only such a process writes it.
+4. Captured-step cache (`StepCache`). A new process would still schedule each step (the tensor graph to kernels, in
+   Python), run it once uncaptured and capture it on its second call: seconds before its first token and through its
+   first decode steps. The captured steps are kept, one file each, without the weights and KV caches (named by
+   position, bound to the model in memory when read), and a new process replays them from its first call; a step
+   not in the cache is captured on its first call. `CACHELEVEL=0` turns it off.
 """
 from __future__ import annotations
-import ctypes, importlib.metadata, itertools, os, pickle, sys, tempfile, time
+import ctypes, hashlib, importlib.metadata, io, itertools, os, pickle, platform, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,11 +40,13 @@ from typing import Any, Callable, Iterator
 WRITTEN_FOR = "0.14.0"                          # the tinygrad version whose internals this file uses
 TINYGRAD = importlib.metadata.version("tinygrad")
 try:                                            # private names: a tinygrad that renamed one leaves us switched off
-  from tinygrad.engine.jit import CapturedJit
+  from tinygrad.engine.jit import CapturedJit, TinyJit
   from tinygrad.engine.realize import get_call_arg_uops, get_runtime
   from tinygrad.helpers import CACHEDB, CACHELEVEL, DEBUG, NUM_CPU_THREADS
   from tinygrad.runtime.ops_cpu import CPUProgram
-  from tinygrad.uop.ops import Ops
+  from tinygrad.uop.ops import Ops, UOp
+  from tinygrad.device import Buffer
+  from tinygrad.tensor import Tensor
   import tinygrad.codegen
   _IMPORTED = hasattr(tinygrad.codegen, "to_program_cache")
 except ImportError:
@@ -195,28 +203,199 @@ class ProgramCache:
     self.stored = len(self.ours)
 
 
+# ============================================== captured-step cache ==============================================
+
+STEP_FORMAT = 1              # bumped when the layout of a step file changes
+CONSTANT_MAX = 1 << 24       # bytes: a step whose own constant buffers hold more is not kept
+
+def step_cache_dir() -> Path: return Path(CACHEDB).parent / "olmoe-steps"
+
+def _source_digest(*modules) -> str:
+  """A digest of the modules' source files: a change to the model's code changes every key."""
+  h = hashlib.sha256()
+  for m in modules:
+    f = getattr(m, "__file__", None)
+    h.update(Path(f).read_bytes() if f and Path(f).exists() else repr(m).encode())
+  return h.hexdigest()
+
+def _cpu_identity() -> str:
+  """The CPU's model and flags: a step's binaries are compiled for this CPU (`-march=native`)."""
+  try: lines = Path("/proc/cpuinfo").read_text().splitlines()
+  except OSError: return platform.processor()
+  return "|".join(next((l for l in lines if l.startswith(k)), "") for k in ("model name", "flags"))
+
+def _held_buffers(model, B: int) -> list:
+  """The base BUFFER uops of the model's weights and its KV caches for batch size B, in an order that is the same in
+  every process that loads the same checkpoint: a step file names them by position instead of holding them."""
+  tensors = [t for _, t in sorted(model.parameters().items())] + list(model._caches.get(B, []))
+  seen: dict = {}
+  for t in tensors:
+    for u in t.uop.toposort():
+      if u.op is Ops.BUFFER and u not in seen: seen[u] = len(seen)
+  return list(seen)
+
+def _first_reads(linear) -> set:
+  """The base buffers that some kernel of the step reads before any kernel writes them: its constants."""
+  written, read_first = set(), set()
+  for call in linear.src:
+    ast, args = call.src[0], get_call_arg_uops(call)
+    if ast.op is not Ops.PROGRAM: raise ValueError("not a kernel")
+    bases = lambda j: {u for u in args[j].toposort() if u.op is Ops.BUFFER}
+    for j in ast.arg.ins:
+      read_first |= bases(j) - written
+    for j in ast.arg.outs: written |= bases(j)
+  return read_first
+
+class _StepPickler(pickle.Pickler):
+  """Pickles a captured step with its buffers named instead of copied: ("held", position) for the model's weights
+  and KV caches, ("own", number, dtype, size, device, contents or None) for the step's own buffers, whose number
+  in the file is theirs only (tinygrad's buffer numbers are per process)."""
+  def __init__(self, f, held: dict, constants: set):
+    super().__init__(f, protocol=pickle.HIGHEST_PROTOCOL)
+    self.held, self.constants, self.own = held, constants, {}
+
+  def persistent_id(self, obj):
+    if obj.__class__ is Tensor: return ("tensor", obj.uop)
+    if isinstance(obj, Buffer): raise ValueError("a device buffer outside a uop")   # would copy its contents
+    # a kernel's own registers are BUFFERs too, of no device: they are code, pickled as they are
+    if obj.__class__ is not UOp or obj.op is not Ops.BUFFER or obj.arg.device is None: return None
+    size, device = obj.src[0].arg, obj.arg.device
+    if (i := self.held.get(obj)) is not None: return ("held", i, obj.dtype, size, device)
+    content = None
+    if obj in self.constants:
+      if obj.buffer.nbytes > CONSTANT_MAX: raise ValueError("constant too large to keep")
+      content = bytes(obj.buffer.as_memoryview())
+    return ("own", self.own.setdefault(obj, len(self.own)), obj.dtype, size, device, content)
+
+class _StepUnpickler(pickle.Unpickler):
+  """Reads what `_StepPickler` wrote, binding the named buffers to `held` (the model's, by position) and making each
+  of the step's own buffers once, new in this process."""
+  def __init__(self, f, held: list):
+    super().__init__(f)
+    self.held, self.own = held, {}
+
+  def persistent_load(self, pid):
+    if pid[0] == "tensor": return Tensor(pid[1])
+    if pid[0] == "held":
+      _, i, dtype, size, device = pid
+      u = self.held[i]
+      if u.dtype != dtype or u.arg.device != device or u.src[0].arg != size: raise ValueError("another buffer layout")
+      return u
+    _, n, dtype, size, device, content = pid
+    if (u := self.own.get(n)) is None:
+      u = self.own[n] = UOp.new_buffer(device, size, dtype)
+      if content is not None: u.buffer.ensure_allocated().copyin(memoryview(bytearray(content)))
+    return u
+
+class StepCache:
+  """Captured TinyJit steps (a prefill per padded length, the decode step) kept across processes, one file per
+  step, so that a new process replays them at once instead of scheduling, lowering and capturing them again.
+
+  A file holds the step's kernels (with their binaries), its memory plan and the buffers it returns, but not the
+  model's weights or KV caches: those are named by position and bound, when the file is read, to the buffers of
+  the model in memory. The file name is a digest of everything the step depends on (tinygrad's version and
+  settings, the device and compile target, the CPU, the model's code, configuration, dtype and buffer layout, the
+  step's shapes), so a step is never used for another model, shape, dtype, device or version. An unreadable,
+  truncated or mismatching file reads as absent and is replaced; files are written to a temporary name and renamed,
+  so two processes writing at once leave one whole file; a folder that cannot be written costs only speed.
+  `CACHELEVEL=0` turns it off."""
+  def __init__(self, folder: Path | None = None): self.folder = folder or step_cache_dir()
+
+  def key(self, model, kind: str, shape: tuple, device: str) -> str:
+    """The name of the step `kind` ("prefill", "decode") of `model` for `shape` (batch size first) on `device`."""
+    import tinygrad.helpers
+    from tinygrad import Device
+    modules = sorted({c.__module__ for c in type(model).__mro__} - {"builtins"})
+    settings = sorted((k, repr(v.value)) for k, v in tinygrad.helpers.ContextVar._cache.items())
+    renderer = Device[device].renderer            # its target, and THREADS, which it reads once (not a setting)
+    parts = (STEP_FORMAT, TINYGRAD, sys.version_info[:2], device, str(renderer.target),
+             getattr(renderer, "has_threads", None), _cpu_identity(),
+             _source_digest(*(sys.modules[m] for m in modules)), type(model).__qualname__, repr(model.cfg),
+             str(model.dtype), kind, shape, settings, [(str(u.dtype), u.src[0].arg) for u in _held_buffers(model, shape[0])])
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+
+  def path(self, key: str) -> Path: return self.folder / f"{key}.pkl"
+
+  def load(self, model, key: str, B: int) -> CapturedJit | None:
+    """The step stored under `key` (for batch size B), bound to `model`'s buffers, or None (no file, another format,
+    unreadable or mismatching)."""
+    if CACHELEVEL.value == 0: return None
+    try: data = self.path(key).read_bytes()
+    except OSError: return None
+    try:
+      fmt, stored_key, (ret, linear, names, info) = _StepUnpickler(io.BytesIO(data), _held_buffers(model, B)).load()
+      if fmt != STEP_FORMAT or stored_key != key: return None
+      return CapturedJit(ret, linear, names, info)
+    except Exception: return None            # noqa: BLE001 -- corrupt or stale: as if there were no file
+
+  def store(self, model, key: str, B: int, captured: CapturedJit) -> bool:
+    """Write the step (temporary file, then rename); False where it cannot be kept (nothing is raised)."""
+    if CACHELEVEL.value == 0: return False
+    try:
+      held = {u: i for i, u in enumerate(_held_buffers(model, B))}
+      f = io.BytesIO()
+      _StepPickler(f, held, _first_reads(captured._linear) - held.keys()).dump(
+        (STEP_FORMAT, key, (captured.ret, captured._linear, captured.expected_names, captured.expected_input_info)))
+    except Exception: return False           # noqa: BLE001 -- a step this cache cannot hold is simply not kept
+    try:
+      self.folder.mkdir(parents=True, exist_ok=True)
+      fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=key, suffix=".tmp")
+      try:
+        with os.fdopen(fd, "wb") as out: out.write(f.getvalue())
+        os.replace(tmp, self.path(key))
+      finally: Path(tmp).unlink(missing_ok=True)
+    except OSError: return False             # a read-only cache folder: nothing is kept, generation goes on
+    return True
+
+
 # ================================================ the runner ================================================
 
 class Runner:
-  """Runs the project's compiled steps (and the small calls around them) with the accelerations; `finish()` writes
-  the program cache. One per process (`runner()`)."""
+  """Runs the project's compiled steps (and the small calls around them) with the accelerations, and makes the steps
+  (`step`), taking them from the step cache where it holds them; `finish()` writes the program cache. One per
+  process (`runner()`)."""
   def __init__(self):
-    self.programs = ProgramCache()
-    self.programs.read()
+    self.programs, self.programs_read = ProgramCache(), None    # programs_read: how many the file held, once read
+    self.steps = StepCache()
+
+  def step(self, model, kind: str, shape: tuple, fn: Callable, device: str) -> TinyJit:
+    """A TinyJit of fn for this model and shape: the stored capture where the step cache has it (replayed from the
+    first call), else one that captures on its first call (the kernels it then runs are those of the capture), to
+    be stored once captured."""
+    jit = TinyJit(fn)
+    if CACHELEVEL.value == 0: return jit
+    key = self.steps.key(model, kind, shape, device)
+    if (captured := self.steps.load(model, key, shape[0])) is not None:
+      jit.captured, jit.cnt = captured, 2     # TinyJit's state after its capture
+      use_plan(jit)
+    else:
+      jit.cnt = 1                             # capture on the first call: one scheduling instead of two
+      jit.olmoe_store = (model, key, shape[0])
+    return jit
 
   def run(self, fn: Callable, *args) -> Any:
     """fn(*args) with the kernel slices at once. Until fn is a captured step, the programs that the call lowers are
-    recorded for the cache, and once it is captured its replay is planned."""
+    recorded for the cache; once it is captured, it is stored in the step cache and its replay is planned."""
     if getattr(fn, "captured", None) is not None:
       with slices_at_once(): return fn(*args)
+    if hasattr(fn, "captured") and self.programs_read is None:   # read only by a process that schedules a step
+      self.programs_read = self.programs.read()
     with slices_at_once(), self.programs.record(): out = fn(*args)
-    if hasattr(fn, "captured"): use_plan(fn)
+    if getattr(fn, "captured", None) is not None:
+      if (pending := getattr(fn, "olmoe_store", None)) is not None:
+        self.steps.store(*pending, fn.captured)
+        del fn.olmoe_store
+      use_plan(fn)
     return out
 
-  def finish(self) -> None: self.programs.write()
+  def finish(self) -> None:
+    """Write the program cache, only in a process that read it (one that scheduled a step): a process whose steps
+    all came from the step cache lowers only the small calls around them, and rewrites no file at its exit."""
+    if self.programs_read is not None: self.programs.write()
 
 class StockRunner:
   """The same interface on stock tinygrad."""
+  def step(self, model, kind: str, shape: tuple, fn: Callable, device: str) -> TinyJit: return TinyJit(fn)
   def run(self, fn: Callable, *args) -> Any: return fn(*args)
   def finish(self) -> None: pass
 

@@ -2,7 +2,7 @@
 
 Oracles: tinygrad's own launcher and replay (bit for bit), numpy, transformers' greedy tokens, and snapshots of every
 tinygrad class and module global taken in a fresh process."""
-import json, os, pickle, subprocess, sys, threading
+import json, os, pickle, shutil, subprocess, sys, threading
 from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
@@ -143,15 +143,15 @@ def test_accelerations_only_on_the_cpu_of_their_tinygrad_version(monkeypatch, ca
 LOWERING_CHILD = """
 import json, sys, olmoe, olmoe_speedups, tinygrad.codegen
 model, _ = olmoe.load(sys.argv[1], progress=False)
-read = olmoe_speedups.runner("CPU").programs.stored if olmoe_speedups.usable("CPU") else 0   # what generate does first
 before = len(tinygrad.codegen.to_program_cache)
 tokens = [s.tokens[0] for s in olmoe.generate(model, [[5, 17, 99, 3, 250]], max_new_tokens=6, stop_ids=())]
-print(json.dumps({"tokens": tokens, "read": read, "new": len(tinygrad.codegen.to_program_cache) - before}))
+read = (olmoe_speedups.runner("CPU").programs_read or 0) if olmoe_speedups.usable("CPU") else 0   # before the steps
+print(json.dumps({"tokens": tokens, "read": read, "new": len(tinygrad.codegen.to_program_cache) - before - read}))
 """
 
 def test_a_fresh_process_reuses_the_lowered_kernels(tmp_path):
-  """The second process reads every kernel its generation needs from the program cache (it lowers none) and still
-  generates transformers' tokens; with CACHELEVEL=0 nothing is read or written."""
+  """Without the captured steps, the second process reads every kernel its generation needs from the program cache
+  (it lowers none) and still generates transformers' tokens; with CACHELEVEL=0 nothing is read or written."""
   path = save_hf_olmoe(tmp_path / "ckpt", seed=9, with_tokenizer=False)
   with torch.no_grad():
     theirs = hf_reference(path).generate(torch.tensor([[5, 17, 99, 3, 250]]), max_new_tokens=6, do_sample=False,
@@ -164,6 +164,7 @@ def test_a_fresh_process_reuses_the_lowered_kernels(tmp_path):
     return json.loads(r.stdout.splitlines()[-1])
   first = run()
   assert first["read"] == 0 and first["new"] > 0 and (tmp_path / "cache.olmoe-programs.pkl").exists()
+  shutil.rmtree(tmp_path / "olmoe-steps")                # else the steps come whole from the step cache
   second = run()
   assert first["tokens"] == second["tokens"] == theirs
   assert second["read"] > 0 and second["new"] == 0                    # nothing lowered beyond what the file held
