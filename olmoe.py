@@ -532,13 +532,18 @@ def dot(x: Tensor, w: Tensor, lanes: int = LANES) -> Tensor:
   return (xs * ws).sum(-2).sum(-1)
 
 def _matmul_grads(dy, call):
-  """(dx, dw) of y = x @ w.T: dx = dy @ w, dw = dy.T @ x, with dy materialised once and transposed in memory.
+  """(dx, dw) of y = x @ w.T: dx = dy @ w, dw = dy.T @ x, each computed from row-major copies that it reduces
+  along their contiguous axis, the layout of the forward product.
 
-  tinygrad's own backward would fuse dy's expression into both products (recomputing it per output) and reduce
-  dw over tokens along dy's strided axis; a transposed copy turns both into ordinary row-major products."""
+  tinygrad's own backward would fuse dy's expression into both products (recomputing it for every output) and
+  reduce along strided axes; materialising dy once and transposing the operands in memory costs copies of
+  O(M*(in+out)) numbers against the O(M*in*out) products they speed up."""
   x, w, dy = Tensor(call.src[1]), Tensor(call.src[2]), Tensor(dy).contiguous()
   x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])         # (M, in), (M, out)
-  return (dy @ w).uop, (dy2.transpose(0, 1).contiguous() @ x2).uop         # (..., in), (out, in)
+  t = lambda a: a.transpose(0, 1).contiguous()
+  dx = dy2 @ t(w).transpose(0, 1)                                            # (M, out) . (in, out) -> (M, in)
+  dw = t(dy2) @ t(x2).transpose(0, 1)                                        # (out, M) . (in, M) -> (out, in)
+  return dx.reshape(x.shape).uop, dw.uop
 
 @function(grad_fxn=_matmul_grads)
 def _matmul(x: Tensor, w: Tensor) -> Tensor: return x @ w.transpose(0, 1)
