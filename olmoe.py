@@ -292,9 +292,9 @@ def expert_ffn(x: Tensor, e: Tensor, W_gate_up: Tensor, W_down: Tensor) -> Tenso
 def experts_weighted(h: Tensor, G: Tensor, W_gate_up: Tensor, W_down: Tensor) -> Tensor:
   """sum_e G[n, e] * expert_e(h_n) for every token: h (N, D), G (N, E) weights, zero off the chosen experts -> (N, D).
 
-  The MoE block's sum written as two plain matrix products over all E experts (the training path): their backward
-  passes are plain matrix products too, where the gathered form's weight gradient is a scatter over (token, slot)
-  pairs. An expert that a token does not choose is computed and multiplied by 0: E/k times the arithmetic."""
+  The MoE block's sum as two plain matrix products over all E experts: an expert that a token does not choose is
+  computed and multiplied by 0 (E/k times the arithmetic). The simplest differentiable form; tests and bench/ hold
+  it next to the training path's `experts_in_blocks`."""
   (N, D), (E, I2, _) = h.shape, W_gate_up.shape
   I = I2 // 2
   gu = matmul(h, W_gate_up.reshape(E * I2, D)).reshape(N, E, I2)            # (N, E, 2I) every expert's [gate; up]
@@ -319,9 +319,8 @@ class Experts:
     return (y if back is None else y[back]).reshape(N, k, D)               # (N, k, D) in pair order
 
   def weighted(self, h: Tensor, g: Tensor, i: Tensor) -> Tensor:
-    """sum_s g_s * expert_{i_s}(h) for h (N, D), g and i (N, k) -> (N, D), through every expert (the training path)."""
-    G = (i.unsqueeze(-1) == Tensor.arange(self.down_proj.shape[0])).where(g.float().unsqueeze(-1), 0).sum(1)   # (N, E)
-    return experts_weighted(h.float(), G, self.gate_up_proj.float(), self.down_proj.float()).cast(h.dtype)
+    """sum_s g_s * expert_{i_s}(h) for h (N, D), g and i (N, k) -> (N, D): the training path (see experts_in_blocks)."""
+    return experts_in_blocks(h.float(), g.float(), i, self.gate_up_proj.float(), self.down_proj.float()).cast(h.dtype)
 
 
 class SparseMoeBlock:
@@ -539,19 +538,82 @@ def _matmul_grads(dy, call):
   reduce along strided axes; materialising dy once and transposing the operands in memory costs copies of
   O(M*(in+out)) numbers against the O(M*in*out) products they speed up."""
   x, w, dy = Tensor(call.src[1]), Tensor(call.src[2]), Tensor(dy).contiguous()
-  x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])         # (M, in), (M, out)
-  t = lambda a: a.transpose(0, 1).contiguous()
-  dx = dy2 @ t(w).transpose(0, 1)                                            # (M, out) . (in, out) -> (M, in)
-  dw = t(dy2) @ t(x2).transpose(0, 1)                                        # (out, M) . (in, M) -> (out, in)
-  return dx.reshape(x.shape).uop, dw.uop
+  if w.ndim == 2: x, dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])   # (M, in), (M, out)
+  t = lambda a: a.transpose(-1, -2).contiguous()
+  dx = dy @ t(w).transpose(-1, -2)                                           # (.., M, out) . (.., in, out) -> (.., M, in)
+  dw = t(dy) @ t(x).transpose(-1, -2)                                        # (.., out, M) . (.., in, M) -> (.., out, in)
+  return dx.reshape(call.src[1].shape).uop, dw.uop
 
 @function(grad_fxn=_matmul_grads)
-def _matmul(x: Tensor, w: Tensor) -> Tensor: return x @ w.transpose(0, 1)
+def _matmul(x: Tensor, w: Tensor) -> Tensor: return x @ w.transpose(-1, -2)
 
 def matmul(x: Tensor, w: Tensor) -> Tensor:
-  """x @ w.T for x (..., in) and w (out, in), with the backward pass of `_matmul_grads` (the training path's
-  products). x is materialised first, so the backward reads it instead of recomputing it."""
+  """x @ w.T for x (..., M, in) and w (out, in), or a batch of weights w (..., out, in), with the backward pass of
+  `_matmul_grads` (the training path's products). x is materialised first, so the backward reads it."""
   return _matmul(x.contiguous(), w)
+
+def _rows_grads(dout, call):
+  """Backward of `rows`: source row j was read by the output rows back[j] (M, m), so dsrc[j] = sum_t dout[back[j, t]],
+  a gather (tinygrad's own backward of a gather is a scatter through an (R, M) one-hot)."""
+  back, d = Tensor(call.src[4]), Tensor(dout).contiguous()
+  M, m = back.shape
+  return d[back.reshape(M * m)].reshape(M, m, -1).sum(1).uop, None, None, None
+
+@function(grad_fxn=_rows_grads)
+def _rows(src: Tensor, idx: Tensor, keep: Tensor, back: Tensor) -> Tensor: return keep.unsqueeze(-1).where(src[idx], 0)
+
+def rows(src: Tensor, idx: Tensor, keep: Tensor, back: Tensor) -> Tensor:
+  """out[r] = src[idx[r]] where keep[r], else 0: src (M, C), idx and keep (R,) -> (R, C). back (M, m) lists, for
+  every source row, the m output rows that read it (an output row that is not kept must read a row whose gradient
+  is 0, or be listed nowhere)."""
+  return _rows(src.contiguous(), idx.contiguous(), keep.contiguous(), back.contiguous())
+
+def _per_block_grads(dout, call):
+  """Backward of `per_block`: dW[e] = sum of the blocks' gradients whose expert is e, one (E, nb) product."""
+  W, e, d = Tensor(call.src[1]), Tensor(call.src[2]), Tensor(dout).contiguous()
+  onehot_t = (Tensor.arange(W.shape[0]).unsqueeze(1) == e.unsqueeze(0)).float()   # (E, nb)
+  return (onehot_t @ d.reshape(e.shape[0], -1)).reshape(W.shape).uop, None
+
+@function(grad_fxn=_per_block_grads)
+def _per_block(W: Tensor, e: Tensor) -> Tensor: return W[e]
+
+def per_block(W: Tensor, e: Tensor) -> Tensor:
+  """W[e] for expert weights W (E, ...) and block experts e (nb,) -> (nb, ...), whose gradient is summed per expert."""
+  return _per_block(W, e.contiguous())
+
+BLOCK = 64   # rows per block of experts_in_blocks (a measured choice: bench/README.md)
+
+def experts_in_blocks(h: Tensor, g: Tensor, i: Tensor, W_gate_up: Tensor, W_down: Tensor, b: int = BLOCK) -> Tensor:
+  """sum_s g_s * expert_{i_s}(h_n) for h (N, D), g and i (N, k) -> (N, D), the training path's MoE sum (as in
+  MegaBlocks): the (token, slot) pairs sorted by expert, each expert's run padded to whole blocks of b rows, every
+  block one expert's batched matrix product.
+
+  Why it backpropagates well: each product's weight gradient is a per-block product summed over the blocks of
+  its expert (no scatter over pairs), and the gathers of rows move gradients back by gathering through the inverse
+  map; only the chosen experts compute, plus at most E*(b-1) padding rows."""
+  (N, D), k, (E, I2, _) = h.shape, i.shape[1], W_gate_up.shape
+  P, I, ar = N * k, I2 // 2, Tensor.arange(E)
+  perm, rank = expert_order(i)                                                   # (P,), (P,) sorted position <-> pair
+  hits = i.reshape(P).unsqueeze(1) == ar                                         # (P, E) each pair's expert
+  count = hits.cast(dtypes.int32).sum(0)                                         # (E,) pairs per expert
+  padded = (count + b - 1) // b * b                                              # (E,) rounded up to whole blocks
+  first, row0 = count.cumsum(0) - count, padded.cumsum(0) - padded               # (E,) expert's first sorted position, first row
+  nb = (P + E * (b - 1) + b - 1) // b                                            # blocks enough for any routing
+  start = (Tensor.arange(nb) * b).unsqueeze(1)                                   # (nb, 1) each block's first row
+  mine = (row0 <= start) & (start < row0 + padded)                               # (nb, E) the expert whose run holds the block
+  e_blk = (mine * ar).sum(1)                                                     # (nb,) block expert (0 for spare blocks)
+  of_row = mine.unsqueeze(1).expand(nb, b, E).reshape(nb * b, E)                 # (R, E) with R = nb*b rows
+  q = Tensor.arange(nb * b) - (of_row * row0).sum(1)                             # (R,) place in its expert's run
+  keep = of_row.any(1) & (q < (of_row * count).sum(1))                           # (R,) rows that hold a pair
+  pair = in_bounds(perm[((of_row * first).sum(1) + q).clip(0, P - 1)], P)       # (R,) the pair each row holds
+  row = in_bounds((hits * row0).sum(1) + rank - (hits * first).sum(1), nb * b)  # (P,) the row each pair lands in
+  x = rows(h, pair // k, keep, row.reshape(N, k))                                # (R, D) inputs in blocks
+  w = rows(g.reshape(P, 1), pair, keep, row.reshape(P, 1))                       # (R, 1) their router weights
+  gu = matmul(x.reshape(nb, b, D), per_block(W_gate_up, e_blk))                  # (nb, b, 2I)
+  a = gu[..., :I].silu() * gu[..., I:] * w.reshape(nb, b, 1)                     # (nb, b, I) SwiGLU, weighted
+  y = matmul(a, per_block(W_down, e_blk)).reshape(nb * b, D)                     # (R, D)
+  # back to pairs; a padding row is listed as reading the pair in `pair`, harmless: its x and w are 0, so is its gradient
+  return rows(y, row, Tensor.ones(P, dtype=dtypes.bool), pair.reshape(nb * b, 1)).reshape(N, k, D).sum(1)   # (N, D)
 
 def in_bounds(i: Tensor, n: int) -> Tensor:
   """Ids i, already in [0, n), materialised and clipped to [0, n): a no-op that tells the compiler every load

@@ -178,3 +178,28 @@ def test_a_jitted_step_with_bias_and_capacity_lowers_the_loss():
   with Context(TRAINING=1): losses = [step(ids).item() for _ in range(8)]
   assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] - 0.1
   assert np.abs(model.layers[0].mlp.expert_bias.numpy()).max() > 0
+
+
+@pytest.mark.parametrize("b", [4, 16])
+def test_experts_in_blocks_equals_the_per_pair_sum_and_its_gradients(b):
+  # many blocks per expert (b small), an expert with no pair, and torch's autograd of the per-pair sum as the oracle
+  N, D, E, k, I = 40, 16, 6, 2, 8
+  rng = np.random.default_rng(b)
+  h, Wgu, Wdn = rng.normal(size=(N, D)), rng.normal(size=(E, 2 * I, D)) * 0.3, rng.normal(size=(E, D, I)) * 0.3
+  i = np.stack([rng.choice(E - 1, k, replace=False) for _ in range(N)])          # expert E-1 never chosen
+  g = rng.random((N, k))
+  th, tgu, tdn, tg = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (h, Wgu, Wdn, g))
+  ti = torch.tensor(i)
+  gu = torch.einsum("nd,nkod->nko", th, tgu[ti])                                 # (N, k, 2I)
+  ref = (torch.einsum("nki,nkdi->nkd", torch.nn.functional.silu(gu[..., :I]) * gu[..., I:], tdn[ti]) * tg[..., None]).sum(1)
+  c = torch.linspace(-1, 1, D, dtype=torch.float64)
+  (ref * c).sum().backward()
+  xs = [Tensor(a.astype(np.float32)) for a in (h, Wgu, Wdn, g)]
+  for t in xs: t.requires_grad = True
+  with Context(TRAINING=1):
+    y = olmoe.experts_in_blocks(xs[0], xs[3], Tensor(i.astype(np.int32)), xs[1], xs[2], b)
+    (y * Tensor(c.numpy().astype(np.float32))).sum().backward()
+  assert np.abs(y.numpy() - ref.detach().numpy()).max() <= 1e-5
+  for ours, theirs in zip(xs, (th, tgu, tdn, tg)):
+    assert np.abs(ours.grad.numpy() - theirs.grad.numpy()).max() <= 1e-5 * max(1, np.abs(theirs.grad.numpy()).max())
+  assert np.abs(xs[1].grad.numpy()[E - 1]).max() == 0                            # an unused expert gets no gradient
