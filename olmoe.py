@@ -151,6 +151,12 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
   lanes = LANES if all(isinstance(n, int) and n == 1 for n in x.shape[:-1]) else 1   # see dot
   return dot(x.unsqueeze(-2), w, lanes).cast(x.dtype)                        # (..., 1, in) . (out, in) -> (..., out)
 
+def mul_t(a: Tensor, b: Tensor) -> Tensor:
+  """a @ b.T over the last two axes in fp32 (attention's products); b's batch axes broadcast against a's."""
+  a, b = a.float(), b.float()
+  if TRAINING: return matmul(a, b.expand(*a.shape[:-2], *b.shape[-2:]))    # a backward pass that runs fast
+  return a @ b.transpose(-1, -2)
+
 def take(w: Tensor, i: Tensor) -> Tensor:
   """Rows w[i], gathered on the device. 16-bit floats move as their raw bits: exact, and tinygrad's CPU backend
   cannot gather bf16 directly."""
@@ -226,10 +232,10 @@ class Attention:
     # grouped-query attention: nh/nkv query heads share one key/value head (transformers' repeat_kv order)
     q = q.reshape(B, nkv, nh // nkv, T, hd)                                 # (B, nkv, nh/nkv, T, hd)
     k, v = k.unsqueeze(2), v.unsqueeze(2)                                   # (B, nkv, 1, S, hd)
-    scores = q.float().matmul(k.float().transpose(-1, -2)).cast(x.dtype) * hd ** -0.5   # (B, nkv, nh/nkv, T, S)
+    scores = mul_t(q, k).cast(x.dtype) * hd ** -0.5                       # (B, nkv, nh/nkv, T, S)
     p = mask.unsqueeze(1).unsqueeze(1).where(scores.float(), -math.inf).softmax(-1).cast(x.dtype)  # (B, nkv, nh/nkv, T, S)
     if T > 1: p = p.contiguous()                                            # materialised (a prefill's, for speed)
-    o = p.float().matmul(v.float()).cast(x.dtype)                           # (B, nkv, nh/nkv, T, hd)
+    o = mul_t(p, v.transpose(-1, -2)).cast(x.dtype)                         # (B, nkv, nh/nkv, T, hd)
     o = o.reshape(B, nh, T, hd).transpose(1, 2).reshape(B, T, nh * hd)      # (B, T, nh*hd)
     return linear(o, self.o_proj)                                           # (B, T, D)
 
@@ -542,7 +548,7 @@ def _matmul_grads(dy, call):
   t = lambda a: a.transpose(-1, -2).contiguous()
   dx = dy @ t(w).transpose(-1, -2)                                           # (.., M, out) . (.., in, out) -> (.., M, in)
   dw = t(dy) @ t(x).transpose(-1, -2)                                        # (.., out, M) . (.., in, M) -> (.., out, in)
-  return dx.reshape(call.src[1].shape).uop, dw.uop
+  return dx.reshape(call.src[1].shape).contiguous().uop, dw.uop      # dx materialised: read by a reduce (softmax's)
 
 @function(grad_fxn=_matmul_grads)
 def _matmul(x: Tensor, w: Tensor) -> Tensor: return x @ w.transpose(-1, -2)
