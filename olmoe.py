@@ -423,7 +423,9 @@ class Olmoe:
     As in transformers, positions default to 0..T-1 whatever the padding (pass position_ids to change that).
     With return_routing=True also returns a `Routing` (router logits per layer, for the losses and analyses)."""
     B, T = input_ids.shape
-    if position_ids is None: position_ids = Tensor.arange(T).reshape(1, T).expand(B, T)
+    # positions from memory, not from arange: tinygrad would fold arange's tables into every kernel that reads them,
+    # recomputing RoPE's sines and cosines inside the attention backward
+    if position_ids is None: position_ids = Tensor(np.arange(T, dtype=np.int32)).reshape(1, T).expand(B, T)
     mask = attention_mask_3d(T, T, 0, None if attention_mask is None else attention_mask.cast(dtypes.bool))
     logits, routing = self.forward(input_ids, position_ids, mask)
     return (logits, routing) if return_routing else logits
