@@ -24,9 +24,9 @@ Elsewhere: the tokenizer (olmoe_tokenizer.py), reading and writing checkpoints (
 line's options (olmoe_cli.py), and runtime accelerations of tinygrad's CPU backend that `generate` uses when they
 apply (olmoe_speedups.py; nothing in this file needs them).
 
-Not handled: training-time features of the original codebase beyond its losses (no expert parallelism, no
-capacity factor: routing is dropless), rope types other than default/linear/dynamic, `attention_bias=True`,
-sliding windows, quantised weights, and speculative decoding.
+Not handled: expert parallelism and the other distributed-training features of the original codebase (training
+runs on one device), rope types other than default/linear/dynamic, `attention_bias=True`, sliding windows, quantised
+weights, and speculative decoding.
 """
 from __future__ import annotations
 import math, sys
@@ -34,7 +34,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator, NamedTuple
 import numpy as np
-from tinygrad import Device, Tensor, TinyJit, UOp, dtypes
+from tinygrad import Device, Tensor, UOp, dtypes
 from tinygrad.dtype import DType
 from tinygrad.function import function
 from tinygrad.helpers import TRAINING
@@ -295,19 +295,6 @@ def expert_ffn(x: Tensor, e: Tensor, W_gate_up: Tensor, W_down: Tensor) -> Tenso
   a = (gu[:, :I].silu() * gu[:, I:]).contiguous()                            # (P, I) SwiGLU, materialised
   return dot(a.unsqueeze(1), take(W_down, e)).cast(x.dtype).contiguous()    # (P, 1, I) . (P, D, I) -> (P, D) materialised
 
-def experts_weighted(h: Tensor, G: Tensor, W_gate_up: Tensor, W_down: Tensor) -> Tensor:
-  """sum_e G[n, e] * expert_e(h_n) for every token: h (N, D), G (N, E) weights, zero off the chosen experts -> (N, D).
-
-  The MoE block's sum as two plain matrix products over all E experts: an expert that a token does not choose is
-  computed and multiplied by 0 (E/k times the arithmetic). The simplest differentiable form; tests and bench/ hold
-  it next to the training path's `experts_in_blocks`."""
-  (N, D), (E, I2, _) = h.shape, W_gate_up.shape
-  I = I2 // 2
-  gu = matmul(h, W_gate_up.reshape(E * I2, D)).reshape(N, E, I2)            # (N, E, 2I) every expert's [gate; up]
-  a = gu[..., :I].silu() * gu[..., I:] * G.unsqueeze(-1)                     # (N, E, I) SwiGLU, times the weight
-  return matmul(a.reshape(N, E * I), W_down.permute(1, 0, 2).reshape(D, E * I))   # (N, E*I) . (D, E*I) -> (N, D)
-
-
 class Experts:
   """E SwiGLU experts stored as stacked tensors (gpt-fast style); gate and up are fused per expert, as in
   transformers 5: gate_up_proj[e] = [W_gate[e]; W_up[e]], so one gathered matrix gives both."""
@@ -333,8 +320,9 @@ class SparseMoeBlock:
   """The MoE feed-forward layer: y = sum_{s<k} g_s * expert_{i_s}(x), with (g, i) from the router.
 
   Only the k chosen experts run for each token, and none is dropped (OLMoE is dropless) unless the config sets a
-  capacity factor. While gradients are being taken (tinygrad's TRAINING context) the same sum goes through every
-  expert with zero weights off the chosen ones (`Experts.weighted`): same routing, same result up to fp32 rounding."""
+  capacity factor. While gradients are being taken (tinygrad's TRAINING context) the same sum is computed in
+  expert-sorted blocks (`Experts.weighted`), whose backward pass is fast: same routing, same result up to fp32
+  rounding."""
   def __init__(self, cfg: OlmoeConfig):
     self.cfg = cfg
     self.gate = Tensor.normal(cfg.num_experts, cfg.hidden_size, std=0.02)    # (E, D) router W_r

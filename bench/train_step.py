@@ -46,9 +46,19 @@ def tinygrad_steps(cfg_dict: dict, batches: list[np.ndarray]) -> list[float]:
       t = time.perf_counter(); run(step, Tensor(x)).item(); times.append(time.perf_counter() - t)
   return times
 
+def experts_weighted(h, G, W_gate_up, W_down):
+  """sum_e G[n, e] * expert_e(h_n), every expert on every token (G (N, E) zero off the chosen experts): two plain
+  products, E/k times the arithmetic of the chosen experts alone; the baseline of the blocked form."""
+  import olmoe
+  (N, D), (E, I2, _) = h.shape, W_gate_up.shape
+  I = I2 // 2
+  gu = olmoe.matmul(h, W_gate_up.reshape(E * I2, D)).reshape(N, E, I2)      # (N, E, 2I)
+  a = gu[..., :I].silu() * gu[..., I:] * G.unsqueeze(-1)                     # (N, E, I)
+  return olmoe.matmul(a.reshape(N, E * I), W_down.permute(1, 0, 2).reshape(D, E * I))   # (N, D)
+
 def expert_products(cfg_dict: dict, N: int, n: int, form: str) -> list[float]:
   """Forward and backward of all layers' expert sums on N tokens routed at random: form "blocks" (the training
-  path, olmoe.experts_in_blocks) or "dense" (every expert on every token, olmoe.experts_weighted)."""
+  path, olmoe.experts_in_blocks) or "dense" (every expert on every token, experts_weighted)."""
   import olmoe
   from tinygrad import Tensor, TinyJit, dtypes
   from tinygrad.helpers import Context
@@ -57,7 +67,7 @@ def expert_products(cfg_dict: dict, N: int, n: int, form: str) -> list[float]:
   for w in (w for pair in Ws for w in pair): w.requires_grad = True
   def moe(h, g, i, gu, dn):
     if form == "blocks": return olmoe.experts_in_blocks(h, g, i, gu, dn)
-    return olmoe.experts_weighted(h, (i.unsqueeze(-1) == Tensor.arange(E)).where(g.unsqueeze(-1), 0).sum(1), gu, dn)
+    return experts_weighted(h, (i.unsqueeze(-1) == Tensor.arange(E)).where(g.unsqueeze(-1), 0).sum(1), gu, dn)
   @TinyJit
   def f(h: Tensor, g: Tensor, i: Tensor) -> Tensor:
     loss = sum(moe(h, g, i, gu, dn).square().mean() for gu, dn in Ws)
