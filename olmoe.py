@@ -477,7 +477,8 @@ def router_z_loss(router_logits: list[Tensor]) -> Tensor:
 
 def lm_loss(model: Olmoe, ids: Tensor, attention_mask: Tensor | None = None, alpha: float | None = None,
             beta: float | None = None, convention: str = "olmoe") -> tuple[Tensor, dict[str, Tensor]]:
-  """Training objective CE + alpha * LB + beta * Z for a batch ids (B, T); returns (total, parts).
+  """Training objective CE + alpha * LB + beta * Z for a batch ids (B, T); returns (total, parts): the three terms
+  "ce", "lb", "z" and "load", each layer's expert load (L, E) as `expert_load` gives it (for logging; no loss).
 
   By default OLMoE's recipe: the load-balancing loss in MegaBlocks' per-layer form (balanced value 1), alpha and
   beta from the config (0.01 and 0.001 in OLMoE's). convention="transformers" gives the pooled form that
@@ -491,7 +492,7 @@ def lm_loss(model: Olmoe, ids: Tensor, attention_mask: Tensor | None = None, alp
   ce = logits[:, :-1].float().sparse_categorical_crossentropy(labels, ignore_index=-100)
   lb = load_balancing_loss(routing.logits, model.cfg.num_experts, model.top_k, attention_mask, convention)
   z = router_z_loss(routing.logits)
-  return ce + alpha * lb + beta * z, {"ce": ce, "lb": lb, "z": z}
+  return ce + alpha * lb + beta * z, {"ce": ce, "lb": lb, "z": z, "load": expert_load(routing, model.cfg.num_experts)}
 
 def expert_load(routing: Routing, num_experts: int) -> Tensor:
   """(L, E) fp32: the share of each layer's (token, slot) assignments that went to each expert (rows sum to 1)."""

@@ -10,6 +10,7 @@ routes every sample token through the model and applies demo/analysis.py:
   coactivation_layer<l>.png  co-activation over all pairs of the top-k, first and last layer
   domains_layer<l>.png       domain specialisation per expert, every layer
   saturation.png             router saturation of training snapshots against the final model
+  training.png               the training run's loss terms and the load per expert over training (train_log.json)
   stats.json                 every number above (rounded), for the docs and demo/RESULTS.md
 
 Router saturation needs snapshots of the training run (demo/build/olmoe-demo/step-*, written by demo/train.py,
@@ -104,6 +105,7 @@ def write_figures(out: Path, model_dir: Path = ROOT / "models" / "olmoe-demo", w
     A.plot_domain_specialisation({d: A.domain_specialisation(ex[l], E) for d, (_, ex) in tables.items()}, k,
                                  out / f"domains_layer{l}.png", f"domain specialisation, layer {l}")
   stats = specialisation_stats(tables, E, k)
+  if (log := model_dir / "train_log.json").exists(): A.plot_training(json.loads(log.read_text()), out / "training.png")
   sat = saturation(model_dir, work or ROOT / "demo" / "build" / model_dir.name, tables, tok)
   if sat:
     A.plot_saturation(sat["steps"], np.array(sat["topk"]), np.array(sat["top1"]), sat["total_steps"], out / "saturation.png")

@@ -28,7 +28,7 @@ def tiny_run(tmp_path_factory):
       (data / f"{d}.{part}.txt").write_text("<|endoftext|>".join(TEXTS[i::3] * 3), encoding="utf-8")
   tok = make_tokenizer_json(root)
   cmd = [sys.executable, str(ROOT / "demo" / "train.py"), "--data", str(data), "--tokenizer", str(tok), "--seq-len", "32",
-         "--batch-size", "8", "--warmup", "5", "--save-every", "20", "--dtype", "F32", "--threads", "1"] + TINY
+         "--batch-size", "8", "--warmup", "5", "--save-every", "20", "--dtype", "F32"] + TINY
   first = subprocess.run(cmd + ["--steps", "40", "--out", str(root / "a"), "--work", str(root / "wa")], capture_output=True, text=True)
   assert first.returncode == 0, first.stderr[-2000:]
   # the same run interrupted after step 20 (--stop-after leaves the resumable state), then resumed to 40
@@ -65,6 +65,30 @@ def test_trained_checkpoint_runs_in_olmoe_py_as_in_transformers(tiny_run):
   assert np.abs(ours - theirs).max() < 1e-4
   keys = json.loads((root / "a" / "hashes.json").read_text())
   assert set(keys) == {"config.json", "model.safetensors", "tokenizer.json", "train_log.json"}
+
+
+@pytest.mark.parametrize("extra,says", [
+    (["--alpha", "-1"], "--alpha = -1.0 must be a number >= 0"),
+    (["--beta", "nan"], "--beta = nan must be a number >= 0"),
+    (["--set", "capacity_factor=0"], "capacity_factor = 0 must be > 0"),
+    (["--seq-len", "65"], "longer than the model's context"),
+    (["--set", "hidden_sise=64"], "unknown field 'hidden_sise'"),
+    (["--set", "hidden_size=sixty"], "the value is not JSON"),
+    (["--steps", "0"], "must be > 0"),
+    (["--data", "EMPTY"], "missing or empty"),
+])
+def test_the_trainer_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, extra, says):
+  """Invalid coefficients, a capacity <= 0, a batch longer than the context, an empty data folder: one line on
+  stderr, exit 2, no output or work folder."""
+  (tmp_path / "EMPTY").mkdir()
+  extra = [str(tmp_path / "EMPTY") if x == "EMPTY" else x for x in extra]
+  cmd = [sys.executable, str(ROOT / "demo" / "train.py"), "--data", str(tmp_path / "EMPTY"), "--out", str(tmp_path / "out"),
+         "--work", str(tmp_path / "work"), "--seq-len", "32"] + TINY + extra
+  if "--data" not in extra: cmd[cmd.index("--data") + 1] = str(ROOT / "demo" / "samples")   # any folder: checked later
+  r = subprocess.run(cmd, capture_output=True, text=True)
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1 and says in lines[0], r.stderr[-2000:]
+  assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
 
 
 # --------------------------------------------- the bundled checkpoints ---------------------------------------------
