@@ -67,6 +67,28 @@ def test_trained_checkpoint_runs_in_olmoe_py_as_in_transformers(tiny_run):
   assert set(keys) == {"config.json", "model.safetensors", "tokenizer.json", "train_log.json"}
 
 
+def test_the_dense_public_model_is_an_olmo2_checkpoint_transformers_runs(tmp_path):
+  """--arch olmo2 trains the FlexOlmo demo's public model as a one-expert FlexOlmo and writes it as a dense OLMo 2
+  checkpoint (model_type olmo2, mlp.gate_proj/up_proj/down_proj, no router): transformers' Olmo2ForCausalLM on those
+  files gives the logits of flexolmo.py's model built from them."""
+  import torch, flexolmo
+  from tinygrad import Tensor
+  data = tmp_path / "data"; data.mkdir()
+  for part in ("train", "valid"): (data / f"prose.{part}.txt").write_text("<|endoftext|>".join(TEXTS * 2), encoding="utf-8")
+  cmd = [sys.executable, str(ROOT / "demo" / "train.py"), "--arch", "olmo2", "--domains", "prose", "--data", str(data),
+         "--tokenizer", str(make_tokenizer_json(tmp_path)), "--seq-len", "32", "--batch-size", "4", "--steps", "6",
+         "--warmup", "2", "--dtype", "F32", "--out", str(tmp_path / "pub"), "--work", str(tmp_path / "work")] + TINY
+  r = subprocess.run(cmd, capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr[-2000:]
+  config = json.loads((tmp_path / "pub" / "config.json").read_text())
+  assert config["model_type"] == "olmo2" and config["architectures"] == ["Olmo2ForCausalLM"] and "num_experts" not in config
+  cfg, raw = flexolmo.read_public(tmp_path / "pub")
+  assert "model.layers.0.mlp.gate_proj.weight" in raw and "model.layers.0.mlp.gate.weight" not in raw
+  _, model = flexolmo.two_expert_model(cfg, raw)          # both experts the public FFN: the dense function
+  ids = [[5, 17, 200, 33, 9, 100, 2, 7]]
+  with torch.no_grad(): theirs = hf_reference(tmp_path / "pub")(torch.tensor(ids)).logits.numpy()
+  assert np.abs(model(Tensor(ids)).numpy() - theirs).max() < 1e-4
+
 @pytest.mark.parametrize("extra,says", [
     (["--alpha", "-1"], "--alpha = -1.0 must be a number >= 0"),
     (["--beta", "nan"], "--beta = nan must be a number >= 0"),
