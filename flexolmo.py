@@ -209,13 +209,24 @@ def read_windows(files: list[Path], tok, seq_len: int, eos: int) -> np.ndarray:
   if n == 0: raise OlmoeError(f"need at least {seq_len + 1} tokens of data, got {len(ids)}")
   return np.array(ids[: n * (seq_len + 1)], dtype=np.int32).reshape(n, seq_len + 1)
 
-def mean_hidden(model: FlexOlmo, windows: np.ndarray, n: int = 16) -> np.ndarray:
-  """A domain's router embedding: the mean final hidden state of the public model over a sample of its text (the
-  first n windows)."""
-  x = Tensor(windows[:n, :-1])
-  B, T = x.shape
-  h, _ = model.forward(x, Tensor.arange(T).reshape(1, T).expand(B, T), olmoe.attention_mask_3d(T, T, 0, None), hidden=True)
-  return h.float().mean((0, 1)).numpy()
+class _Recorder:
+  """Stands in for a layer's MoE block and keeps what enters it (the router's input)."""
+  def __init__(self, mlp): self.mlp, self.seen = mlp, []
+  def __call__(self, x, *args):
+    self.seen.append(x.float().mean((0, 1)).numpy())
+    return self.mlp(x, *args)
+
+def router_embedding(model: FlexOlmo, windows: np.ndarray, n: int = 16) -> np.ndarray:
+  """(L, D) a domain's router rows: at each layer, the router's input (the residual stream entering the MoE block)
+  averaged over the first n windows of the domain's text, scaled to unit length, so that every domain's row has the
+  same length and no logit is large enough to saturate the softmax."""
+  rec = [_Recorder(layer.mlp) for layer in model.layers]
+  for layer, r in zip(model.layers, rec): layer.mlp = r
+  try: model(Tensor(windows[:n, :-1]))
+  finally:
+    for layer, r in zip(model.layers, rec): layer.mlp = r.mlp
+  mean = np.stack([r.seen[0] for r in rec])                                  # (L, D)
+  return (mean / np.linalg.norm(mean, axis=-1, keepdims=True)).astype(np.float32)
 
 def two_expert_model(config: dict, raw: dict[str, Raw]) -> tuple[FlexOlmoConfig, FlexOlmo]:
   """The public model as a 2-expert FlexOlmo (fp32): both expert slots hold the public FFN, router rows zero."""
@@ -235,15 +246,19 @@ def two_expert_model(config: dict, raw: dict[str, Raw]) -> tuple[FlexOlmoConfig,
 
 def train_expert(public: Path, data: list[Path], out: Path, name: str, steps: int = 100, lr: float = 1e-3,
                  seq_len: int = 64, batch: int = 8, seed: int = 0, public_data: list[Path] | None = None,
-                 z_loss: float = 0.001, progress: bool = True) -> list[float]:
+                 z_loss: float = 0.001, progress: bool = True, router: str = "learn") -> list[float]:
   """Train one data owner's expert against the frozen public model; write a 2-expert FlexOlmo checkpoint.
 
   Expert 0 and router row 0 are the public model's and never change; so do the embeddings, attention, norms and LM
-  head. Only expert 1 (initialised as a copy of the public FFN) and router row 1 are trained, on CE + z-loss.
-  Router row 1 starts domain-informed: the mean final hidden state of the public model itself over a sample of the
-  owner's text (the paper used an external embedder, GritLM). A dense public model has no router: its row is the same
-  mean over `public_data`, or zero. Returns the training losses."""
+  head. Expert 1 (initialised as a copy of the public FFN) is trained on CE + z-loss, on the owner's text only.
+  Router rows are domain-informed: at each layer, the public model's own router input averaged over a sample of the
+  owner's text (`router_embedding`; the paper used an external embedder, GritLM, and one vector for every layer). A
+  dense public model has no router: its row is the same average over `public_data`, or zero.
+  router="learn" trains row 1 with the expert, as the paper does; router="fixed" keeps the embedding (trained only
+  on its own domain, a learned row also rises on text it never sees, which the merged model then misroutes:
+  demo/RESULTS.md measures both). Returns the training losses."""
   if min(steps, seq_len, batch) <= 0 or lr <= 0: raise OlmoeError("--steps, --seq-len, --batch and --lr must be positive")
+  if router not in ("learn", "fixed"): raise OlmoeError(f"--router {router!r}: expected learn or fixed")
   config, raw = read_public(public)
   check_out(out, [public])
   names = (config.get("expert_names") or ["public"])[:1] + [name]
@@ -258,14 +273,14 @@ def train_expert(public: Path, data: list[Path], out: Path, name: str, steps: in
   L, D = cfg.num_hidden_layers, cfg.hidden_size
   # router rows: the public row as published (FlexOlmo) or from public text (dense), the owner's from its data
   if config["model_type"] == "flex_olmo": r_pub = [raw_to_numpy(raw[gate_key(l)])[0] for l in range(L)]
-  else: r_pub = [mean_hidden(model, read_windows(public_data, tok, seq_len, eos)) if public_data else np.zeros(D, np.float32)] * L
-  r_dom = mean_hidden(model, windows)
+  else: r_pub = router_embedding(model, read_windows(public_data, tok, seq_len, eos)) if public_data else np.zeros((L, D), np.float32)
+  r_dom = router_embedding(model, windows)
   # the trainable tensors: per layer expert 1 (gate_up, down) and router row 1; everything else is a constant
   frozen = [(layer.mlp.experts.gate_up_proj[0].contiguous().realize(), layer.mlp.experts.down_proj[0].contiguous().realize(),
              Tensor(r_pub[l]).reshape(1, D).realize()) for l, layer in enumerate(model.layers)]
-  train = [(gu.clone().realize(), dn.clone().realize(), Tensor(r_dom).reshape(1, D).contiguous().realize()) for gu, dn, _ in frozen]
+  train = [(gu.clone().realize(), dn.clone().realize(), Tensor(r_dom[l]).reshape(1, D).contiguous().realize()) for l, (gu, dn, _) in enumerate(frozen)]
   for p in model.parameters().values(): p.requires_grad = False
-  params = [t for group in train for t in group]
+  params = [t for gu, dn, r in train for t in ((gu, dn, r) if router == "learn" else (gu, dn))]
   for p in params: p.requires_grad = True
   def assemble():   # the layer tensors as [public; owner] along the expert axis
     for layer, (gu0, dn0, r0), (gu1, dn1, r1) in zip(model.layers, frozen, train):
@@ -397,10 +412,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--router", choices=("learn", "fixed"), default="learn",
+                    help="train the owner's router row with its expert (the paper) or keep its domain embedding")
     a = ap.parse_args(argv[1:])
     def run():
       losses = train_expert(a.public, a.data, a.out, a.name or a.out.name, a.steps, a.lr, a.seq_len, a.batch, a.seed,
-                            a.public_data, progress=sys.stderr.isatty())
+                            a.public_data, progress=sys.stderr.isatty(), router=a.router)
       print(f"trained {a.name or a.out.name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}; wrote {a.out}")
   elif argv[:1] == ["merge"]:
     ap = argparse.ArgumentParser(prog="flexolmo.py merge", description=merge.__doc__.split("\n")[0])

@@ -7,15 +7,17 @@
 The recipe, as in the FlexOlmo paper, at toy scale:
   1. public   a dense OLMo 2 model trained on the public domain only (prose), by demo/train.py --arch olmo2;
   2. owners   one expert per data owner (code, math), each trained by `flexolmo.py train-expert` against the frozen
-              public model: only the owner's FFN (initialised as a copy of the public FFN) and its router row
-              (initialised as the public model's mean hidden state on the owner's text) learn, on the owner's data only;
+              public model: only the owner's FFN (initialised as a copy of the public FFN) learns, on the owner's data
+              only; the router rows are domain embeddings (at each layer, the public model's router input averaged
+              over the domain's text, unit length), kept fixed (`--router fixed`);
   3. merge    `flexolmo.py merge` stacks the public FFN and the owners' experts, and their router rows, into one
               3-expert FlexOlmo -> models/flexolmo-demo (all experts active, as in the released 7x7B).
 
 Then every variant is evaluated on the held-out split of every domain (mean next-token cross-entropy in nats,
 olmoe.py / flexolmo.py forward passes): the public model alone, each 2-expert model, the merged model, and the
-merged model with each owner opted out. The table goes to demo/RESULTS.md (the docs include it) and the numbers to
-demo/flexolmo_results.json.
+merged model with each owner opted out. The same owners are also trained with `--router learn` (the paper's choice:
+the owner's row trains with its expert) and merged, as the ablation. The tables go to demo/RESULTS.md (the docs
+include it) and the numbers to demo/flexolmo_results.json.
 
 Not handled: the paper's router fine-tuning on proxy data ("RT") and its learned negative bias; experts here are
 trained sequentially on one machine, where the paper's owners train in parallel and never meet.
@@ -33,6 +35,7 @@ import data as D                 # noqa: E402
 import train                     # noqa: E402
 
 PUBLIC_DOMAIN, OWNERS = "prose", ("code", "math")
+ROUTERS = ("fixed", "learn")                  # the bundled recipe first, then the ablation
 # the public model: the OLMoE demo's attention sizes, a dense FFN of width 256 (each expert is a copy of it)
 PUBLIC_ARCH = ["hidden_size=128", "intermediate_size=256", "num_hidden_layers=4", "num_attention_heads=4"]
 
@@ -41,40 +44,46 @@ def run(cmd: list[str]) -> None:
   print("+ " + " ".join(cmd), flush=True)
   subprocess.run(cmd, cwd=ROOT, check=True)
 
-def cross_entropy(model, windows: np.ndarray, batch: int = 8) -> float:
-  """Mean next-token cross-entropy (nats) of a tinygrad model on (n, T + 1) windows."""
-  from tinygrad import Tensor
-  tot = 0.0
-  for b in range(0, len(windows), batch):
-    x = Tensor(windows[b:b + batch])
-    tot += model(x[:, :-1]).float().sparse_categorical_crossentropy(x[:, 1:]).item() * len(windows[b:b + batch])
-  return tot / len(windows)
-
-def evaluate(build: Path, merged: Path, data: Path) -> dict:
-  """Cross-entropy per domain of every variant (rows) on every domain (columns)."""
-  tok = Tokenizer.from_file(merged / "tokenizer.json")
+def evaluate(variants: list[tuple[str, Path, list | None, list | None]], data: Path) -> dict:
+  """Cross-entropy per domain of every (name, folder, experts, opt_out) variant (rows) on every domain (columns)."""
+  tok = Tokenizer.from_file(variants[0][1] / "tokenizer.json")
   windows = train.eval_windows(train.tokenize_domains(data, tok, list(D.DOMAINS), "valid"), 128, 16)   # as train.py evaluates
-  variants = [("public only", merged, ["public"], None)]
-  variants += [(f"public + {o}", build / o, None, None) for o in OWNERS]
-  variants += [("merged (all experts)", merged, None, None)]
-  variants += [(f"merged, {o} opted out", merged, None, [o]) for o in OWNERS]
   rows = {}
   for name, folder, experts, opt_out in variants:
     model, _ = flexolmo.load(str(folder), experts, opt_out, dtype="float32", progress=False)
-    rows[name] = {d: round(cross_entropy(model, w), 4) for d, w in windows.items()}
-    print(f"  {name:28s} " + "  ".join(f"{d} {v:.3f}" for d, v in rows[name].items()), flush=True)
+    rows[name] = {d: round(train.cross_entropy(model, w), 4) for d, w in windows.items()}
+    print(f"  {name:34s} " + "  ".join(f"{d} {v:.3f}" for d, v in rows[name].items()), flush=True)
   return rows
 
-def results_markdown(rows: dict, meta: dict) -> str:
+def table(rows: dict) -> list[str]:
   best = {d: min(r[d] for r in rows.values()) for d in D.DOMAINS}
-  out = ["Held-out cross-entropy (nats per token, lower is better) of the bundled FlexOlmo demo, "
-         f"measured by `demo/build_flexolmo.py` on {meta['date']}. The public model saw only {PUBLIC_DOMAIN}; "
-         f"each owner's expert saw only its own domain ({', '.join(OWNERS)}). Bold: the best of a column.", "",
-         "| model | " + " | ".join(D.DOMAINS) + " |", "|---|" + "---:|" * len(D.DOMAINS)]
+  out = ["| model | " + " | ".join(D.DOMAINS) + " |", "|---|" + "---:|" * len(D.DOMAINS)]
   for name, r in rows.items():
     out.append(f"| {name} | " + " | ".join(f"**{r[d]:.3f}**" if r[d] == best[d] else f"{r[d]:.3f}" for d in D.DOMAINS) + " |")
+  return out
+
+def gaps(ce: dict, merged: str, owners_models: dict[str, str]) -> dict[str, float]:
+  """The headline's distances: merged minus the public model on the public domain, merged minus the matching
+  two-expert specialist on each owner's domain (nats; the paper's claim is that these are small)."""
+  out = {PUBLIC_DOMAIN: round(ce[merged][PUBLIC_DOMAIN] - ce["public only"][PUBLIC_DOMAIN], 3)}
+  for o, spec in owners_models.items(): out[o] = round(ce[merged][o] - ce[spec][o], 3)
+  return out
+
+def results_markdown(rows: dict, ablation: dict, gap: dict, meta: dict) -> str:
+  out = ["Held-out cross-entropy (nats per token, lower is better) of the bundled FlexOlmo demo, "
+         f"measured by `demo/build_flexolmo.py` on {meta['date']}. The public model saw only {PUBLIC_DOMAIN}; "
+         f"each owner's expert saw only its own domain ({', '.join(OWNERS)}), {meta['expert_steps']} steps of "
+         f"{meta['expert_batch']}, router rows fixed at their domain embeddings. Bold: the best of a column.", ""]
+  out += table(rows)
   out += ["", "Opting an owner out masks its router logit before the softmax, which is the same function as the "
-          "2-expert model without it: the rows \"merged, X opted out\" and \"public + Y\" agree to float precision."]
+          "2-expert model without it: the rows \"merged, X opted out\" and \"public + Y\" agree to float precision.",
+          "", "The same owners' experts with the router row learned alongside each expert (`--router learn`, the "
+          "paper's choice), against the bundled recipe (`--router fixed`):", ""]
+  out += table(ablation)
+  out += ["", "The merged model's distance, in nats, to the public model on " + PUBLIC_DOMAIN + " and to the matching "
+          "specialist (public + owner) on each owner's domain:", "",
+          "| router rows | " + " | ".join(gap[next(iter(gap))]) + " |", "|---|" + "---:|" * len(gap[next(iter(gap))])]
+  out += [f"| {v} | " + " | ".join(f"{x:+.3f}" for x in g.values()) + " |" for v, g in gap.items()]
   return "\n".join(out) + "\n"
 
 
@@ -95,22 +104,34 @@ def main(argv=None) -> int:
     run([py, "demo/train.py", "--arch", "olmo2", "--domains", PUBLIC_DOMAIN, "--out", str(public),
          "--work", str(a.build / "public-work"), "--tokenizer", str(a.tokenizer), "--steps", str(a.public_steps),
          "--seed", str(a.seed)] + [x for s in PUBLIC_ARCH for x in ("--set", s)])
-  for owner in OWNERS:                              # 2. each owner's expert, against the frozen public model
-    if not (a.build / owner / "config.json").exists():
-      run([py, "flexolmo.py", "train-expert", "--public", str(public), "--data", str(a.data / f"{owner}.train.txt"),
-           "--public-data", str(a.data / f"{PUBLIC_DOMAIN}.train.txt"), "--out", str(a.build / owner), "--name", owner,
-           "--steps", str(a.expert_steps), "--lr", str(a.expert_lr), "--seq-len", "64", "--batch", "8",
-           "--seed", str(a.seed)])
-  merged = a.build / "merged"
-  if not (merged / "config.json").exists():         # 3. merge
-    run([py, "flexolmo.py", "merge", "--public", str(public), "--out", str(merged)] +
-        [x for o in OWNERS for x in ("--expert", f"{o}={a.build / o}")])
-  rows = evaluate(a.build, merged, a.data)
+  built = {}
+  for router in ROUTERS:                            # 2. each owner's expert, against the frozen public model
+    for owner in OWNERS:
+      if not (a.build / router / owner / "config.json").exists():
+        run([py, "flexolmo.py", "train-expert", "--public", str(public), "--data", str(a.data / f"{owner}.train.txt"),
+             "--public-data", str(a.data / f"{PUBLIC_DOMAIN}.train.txt"), "--out", str(a.build / router / owner),
+             "--name", owner, "--steps", str(a.expert_steps), "--lr", str(a.expert_lr), "--seq-len", "64",
+             "--batch", "8", "--seed", str(a.seed), "--router", router])
+    built[router] = merged = a.build / router / "merged"
+    if not (merged / "config.json").exists():      # 3. merge
+      run([py, "flexolmo.py", "merge", "--public", str(public), "--out", str(merged)] +
+          [x for o in OWNERS for x in ("--expert", f"{o}={a.build / router / o}")])
+  merged, chosen = built[ROUTERS[0]], a.build / ROUTERS[0]
+  rows = evaluate([("public only", merged, ["public"], None)] + [(f"public + {o}", chosen / o, None, None) for o in OWNERS]
+                  + [("merged (all experts)", merged, None, None)]
+                  + [(f"merged, {o} opted out", merged, None, [o]) for o in OWNERS], a.data)
+  other = ROUTERS[1]
+  ablation = {f"router {ROUTERS[0]}: {n}": r for n, r in rows.items() if n.startswith(("public +", "merged (all"))}
+  ablation.update({f"router {other}: {n}": r for n, r in evaluate(
+      [(f"public + {o}", a.build / other / o, None, None) for o in OWNERS] + [("merged (all experts)", built[other], None, None)],
+      a.data).items()})
+  gap = {r: gaps(ablation, f"router {r}: merged (all experts)", {o: f"router {r}: public + {o}" for o in OWNERS}) for r in ROUTERS}
   meta = {"date": time.strftime("%Y-%m-%d"), "public_steps": a.public_steps, "expert_steps": a.expert_steps,
-          "expert_lr": a.expert_lr, "expert_batch": "8 x 64 tokens",
+          "expert_lr": a.expert_lr, "expert_batch": "8 x 64 tokens", "router": ROUTERS[0],
           "seed": a.seed, "minutes": round((time.time() - t0) / 60, 1)}
-  (ROOT / "demo" / "flexolmo_results.json").write_text(json.dumps({"meta": meta, "cross_entropy": rows}, indent=1) + "\n")
-  (ROOT / "demo" / "RESULTS.md").write_text(results_markdown(rows, meta))
+  (ROOT / "demo" / "flexolmo_results.json").write_text(json.dumps({"meta": meta, "cross_entropy": rows, "ablation": ablation,
+                                                                   "gaps": gap}, indent=1) + "\n")
+  (ROOT / "demo" / "RESULTS.md").write_text(results_markdown(rows, ablation, gap, meta))
   tmp = a.out.parent / f".{a.out.name}.partial"     # the bundled copy, with hashes of its files
   shutil.rmtree(tmp, ignore_errors=True)
   shutil.copytree(merged, tmp)

@@ -194,19 +194,29 @@ def test_train_expert_freezes_everything_but_the_new_expert(recipe):
   assert np.mean(losses["code"][-3:]) < np.mean(losses["code"][:3])
 
 
-def test_train_expert_router_row_starts_as_the_domain_mean(recipe, tmp_path):
-  """Domain-informed initialisation: with lr ~ 0 the owner's router row stays the public model's mean final hidden
-  state over (a sample of) the owner's windows, the same vector in every layer."""
+@pytest.mark.parametrize("router", ["learn", "fixed"])
+def test_train_expert_router_row_is_the_domain_embedding(recipe, tmp_path, router):
+  """Domain-informed rows: the owner's row in layer l is the input of layer l's MoE block in the public model
+  (captured from transformers with a hook), averaged over the owner's windows and scaled to unit length. It stays
+  exactly that with router="fixed" (while the expert trains) and, with lr ~ 0, with router="learn"."""
+  import torch
   root, public, _ = recipe
-  flexolmo.train_expert(public, [root / "prose.txt"], tmp_path / "p", "prose", steps=1, lr=1e-30, seq_len=16, batch=4, progress=False)
-  gates = [load_file(str(tmp_path / "p" / "model.safetensors"))[f"model.layers.{l}.mlp.gate.weight"][1] for l in range(2)]
-  model, tok = flexolmo.load(str(public), progress=False)
+  lr = 3e-3 if router == "fixed" else 1e-30
+  flexolmo.train_expert(public, [root / "prose.txt"], tmp_path / "p", "prose", steps=2, lr=lr, seq_len=16, batch=4,
+                        progress=False, router=router)
+  sd = load_file(str(tmp_path / "p" / "model.safetensors"))
+  gates = np.stack([sd[f"model.layers.{l}.mlp.gate.weight"][1] for l in range(2)])
+  tok = flexolmo.Tokenizer.from_file(public / "tokenizer.json")
   windows = flexolmo.read_windows([root / "prose.txt"], tok, 16, eos=0)[:16]
-  B, T = windows[:, :-1].shape
-  h, _ = model.forward(Tensor(windows[:, :-1]), Tensor.arange(T).reshape(1, T).expand(B, T),
-                       flexolmo.olmoe.attention_mask_3d(T, T, 0, None), hidden=True)   # (B, T, D)
-  np.testing.assert_allclose(gates[0], h.numpy().mean((0, 1)), atol=1e-5)
-  assert np.array_equal(gates[0], gates[1])
+  ref, seen = hf_reference(public), {}
+  for l, layer in enumerate(ref.model.layers):
+    layer.mlp.register_forward_pre_hook(lambda m, args, l=l: seen.__setitem__(l, args[0].mean((0, 1)).numpy()))
+  with torch.no_grad(): ref(torch.tensor(windows[:, :-1], dtype=torch.long))
+  want = np.stack([seen[l] / np.linalg.norm(seen[l]) for l in range(2)])
+  np.testing.assert_allclose(gates, want, atol=1e-5)
+  if router == "fixed":
+    e1 = sd["model.layers.0.mlp.experts.1.up_proj.weight"]
+    assert not np.array_equal(e1, sd["model.layers.0.mlp.experts.0.up_proj.weight"])    # the expert did train
 
 
 def test_merge_loads_in_transformers_and_matches(recipe):
