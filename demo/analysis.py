@@ -67,9 +67,17 @@ def vocabulary_specialisation(experts: np.ndarray, token_ids: np.ndarray, E: int
 
 def vocabulary_specialisation_score(experts: np.ndarray, token_ids: np.ndarray, E: int, min_count: int = 1) -> float:
   """One number per layer: for each token id, the share of its occurrences that went to its favourite expert,
-  averaged over ids (unweighted). 1 = every id always goes to the same expert; uniform routing gives k/E."""
+  averaged over ids (unweighted). 1 = every id always goes to the same expert. A maximum is biased upward for rare
+  ids (an id seen once scores 1 under any routing), so it is not k/E under uniform routing; raise `min_count`, and
+  compare with the same score on a shuffled routing table (`shuffled_baseline`)."""
   _, _, spec = vocabulary_specialisation(experts, token_ids, E, min_count)
   return float(spec.max(1).mean()) if len(spec) else float("nan")
+
+def shuffled_baseline(experts: np.ndarray, token_ids: np.ndarray, E: int, min_count: int = 1, seed: int = 0) -> float:
+  """vocabulary_specialisation_score after shuffling which token each routing row belongs to: the score that the
+  same token counts and the same expert loads give with no link between token and expert."""
+  perm = np.random.default_rng(seed).permutation(len(token_ids))
+  return vocabulary_specialisation_score(np.asarray(experts)[perm], token_ids, E, min_count)
 
 def router_saturation(early: np.ndarray, final: np.ndarray) -> float:
   """(1/N) sum_n |top-k_early(n) ∩ top-k_final(n)| / k for the same N tokens at one layer. 1 = same expert sets."""

@@ -60,6 +60,19 @@ def test_vocabulary_specialisation():
   assert A.vocabulary_specialisation_score(TABLE, np.array([5, 5, 5, 7]), E, min_count=2) == pytest.approx(2 / 3)
 
 
+def test_vocabulary_specialisation_score_and_its_shuffled_baseline():
+  """Two ids, 50 occurrences each, id 0 always to expert 0 and id 1 always to expert 1 (k = 1, E = 2): the score is 1;
+  shuffling the rows across tokens keeps the loads (half each) and drops it toward 1/2. An id seen once scores 1
+  under any routing, which min_count leaves out."""
+  ids = np.repeat([0, 1], 50)
+  experts = ids.reshape(-1, 1)
+  assert A.vocabulary_specialisation_score(experts, ids, 2) == 1.0
+  assert 0.5 <= A.shuffled_baseline(experts, ids, 2) < 0.7
+  ids3, experts3 = np.append(ids, 7), np.append(experts, [[1]], 0)
+  assert A.vocabulary_specialisation_score(experts3, ids3, 2, min_count=2) == 1.0
+  assert A.vocabulary_specialisation(experts3, ids3, 2)[1][-1] == 1           # id 7: one occurrence
+
+
 def test_router_saturation():
   early = np.array([[0, 1], [1, 2], [3, 2], [1, 0]])
   final = np.array([[0, 1], [2, 1], [0, 2], [1, 3]])
