@@ -180,30 +180,33 @@ def plot_saturation(steps: list[int], topk: np.ndarray, top1: np.ndarray, total_
   axes[0].legend(fontsize=7)
   return _save(fig, path)
 
-def plot_training(log: dict, path: Path) -> Path:
+def plot_training(log: dict, path: Path, window: int = 10) -> Path:
   """A training run from its train_log.json (demo/train.py): the loss terms per step (CE, alpha * LB, beta * Z,
   smoothed over 25 steps), and per layer the load of each expert over training as a share of the uniform one
-  (colour; 1 = balanced), from the full load logged every few steps."""
+  (colour; 1 = balanced), from the full load logged every few steps, averaged over `window` consecutive records."""
   plt = _plt()
   loads = log.get("load_every_10_steps") or {}
   steps = sorted(loads, key=int)
-  grid = np.array([loads[s] for s in steps]) if steps else np.zeros((0, 0, 0))      # (checkpoints, L, E)
+  grid = np.array([loads[s] for s in steps]) if steps else np.zeros((0, 0, 0))      # (records, L, E)
   L, E = grid.shape[1:] if steps else (0, 0)
-  fig, axes = plt.subplots(1, 1 + L, figsize=(3.4 + 2.3 * L, 2.8), squeeze=False,
+  if len(grid) >= window: grid = grid[: len(grid) // window * window].reshape(-1, window, L, E).mean(1)
+  fig, axes = plt.subplots(1, 1 + L, figsize=(3.6 + 2.2 * L, 2.8), squeeze=False, layout="constrained",
                            gridspec_kw={"width_ratios": [1.6] + [1] * L})
   smooth = lambda v: np.convolve(v, np.ones(25) / 25, mode="valid") if len(v) >= 25 else np.asarray(v)
   ax = axes[0, 0]
   ax.plot(smooth(log["ce_every_step"]), label="CE")
   if log.get("alpha_lb"): ax.plot(smooth(log["alpha_lb"] * np.asarray(log["lb_every_step"])), label=f"{log['alpha_lb']} x LB")
   if log.get("beta_z"): ax.plot(smooth(log["beta_z"] * np.asarray(log["z_every_step"])), label=f"{log['beta_z']} x Z")
-  ax.set_yscale("log"); ax.set_xlabel("step"); ax.set_title("loss terms (nats)", fontsize=9); ax.legend(fontsize=7)
+  ax.set_yscale("log"); ax.set_xlabel("step"); ax.set_title("loss terms (nats)", fontsize=9)
+  ax.legend(fontsize=7, loc="center right")
   for l in range(L):
     ax = axes[0, 1 + l]
     im = ax.imshow(grid[:, l, :].T * E, aspect="auto", cmap="coolwarm", vmin=0, vmax=2, interpolation="nearest",
                    extent=(0, int(steps[-1]), E - 0.5, -0.5))
-    ax.set_title(f"layer {l}: load / uniform", fontsize=9); ax.set_xlabel("step")
+    ax.set_title(f"layer {l}", fontsize=9); ax.set_xlabel("step")
+    ax.set_yticks(range(0, E, max(1, E // 8)))
     if l == 0: ax.set_ylabel("expert")
-  if L: fig.colorbar(im, ax=axes[0, 1:].tolist(), shrink=0.8)
+  if L: fig.colorbar(im, ax=axes[0, 1:].tolist(), shrink=0.8, label="load / uniform")
   return _save(fig, path)
 
 def _save(fig, path: Path) -> Path:
