@@ -2,7 +2,7 @@
 """Train the tiny demo models (models/olmoe-demo, and the public model of models/flexolmo-demo) from scratch on CPU.
 
   python demo/data.py                                   # the text domains -> demo/build/data (once)
-  python demo/train.py --out models/olmoe-demo          # ~30 min on 2 CPU cores; --resume continues an interrupted run
+  python demo/train.py --out models/olmoe-demo          # ~1 h on 2 CPU cores; --resume continues an interrupted run
 
 What it does, in order:
   1. trains a byte-level BPE tokenizer on an equal share of the three domains (demo/data.py) -> tokenizer.json;
@@ -237,7 +237,7 @@ def check_run(data_dir: Path, domains, cfg_dict: dict, steps: int, batch_size: i
 LOAD_EVERY = 10                                 # the full (L, E) load goes into the log every this many steps
 
 def train(data_dir: Path, out: Path, work: Path, arch: str = "olmoe", domains: tuple[str, ...] = D.DOMAINS,
-          steps: int = 2000, batch_size: int = 16, seq_len: int = 128, lr: float = 3e-3, warmup: int = 100,
+          steps: int = 3000, batch_size: int = 16, seq_len: int = 128, lr: float = 3e-3, warmup: int = 100,
           weight_decay: float = 0.01, seed: int = 0, tokenizer: Path | None = None, arch_overrides: dict | None = None,
           save_every: int = 200, snapshots: tuple[float, ...] = (0.01, 0.1, 0.25, 0.5), eval_windows_per_domain: int = 16,
           resume: bool = False, progress: bool = True, dtype: str = "BF16", stop_after: int | None = None,
@@ -336,7 +336,7 @@ def main(argv=None) -> int:
   ap.add_argument("--work", type=Path, default=None, help="checkpoints and snapshots (default demo/build/<out name>)")
   ap.add_argument("--arch", choices=("olmoe", "olmo2"), default="olmoe")
   ap.add_argument("--domains", default=",".join(D.DOMAINS), help="comma-separated domains to train on")
-  ap.add_argument("--steps", type=int, default=2000)
+  ap.add_argument("--steps", type=int, default=3000)
   ap.add_argument("--batch-size", type=int, default=16)
   ap.add_argument("--seq-len", type=int, default=128)
   ap.add_argument("--lr", type=float, default=3e-3)

@@ -6,7 +6,7 @@ import json, math
 log = json.load(open("models/olmoe-demo/train_log.json"))
 steps, E = log["steps"], len(log["load_every_10_steps"]["1"][0])
 print(f"objective: {log['objective']}, alpha = {log['alpha_lb']}, beta = {log['beta_z']}")
-print(f"{steps} steps of {log['batch_size']} x {log['seq_len']} tokens in {log['train_seconds'] / 60:.0f} min")
+print(f"{steps} steps of {log['batch_size']} x {log['seq_len']} tokens")
 mean = lambda v, a, b: sum(v[a:b]) / (b - a)
 for name in ("ce", "lb", "z"):
   v = log[f"{name}_every_step"]
