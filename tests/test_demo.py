@@ -166,14 +166,25 @@ def test_flexolmo_demo_names_its_experts():
 
 def test_flexolmo_results_support_what_the_docs_say():
   """docs/flexolmo.md describes demo/RESULTS.md: each expert beats the public model on its own domain, the merged
-  model beats the public model on both owners' domains but not the specialists, and opt-out equals the 2-expert
-  model of the other owner."""
-  ce = json.loads((ROOT / "demo" / "flexolmo_results.json").read_text())["cross_entropy"]
+  model beats the public model on both owners' domains but not the specialists, opt-out equals the 2-expert model of
+  the other owner, each 2-expert model already loses prose and the merged one lands between them, and of the router
+  ablation: learned rows put the merged model far from the math specialist, fixed rows close, while learning wins a
+  little on code and prose. The gaps table is the rows' differences."""
+  res = json.loads((ROOT / "demo" / "flexolmo_results.json").read_text())
+  ce, ab, gaps = res["cross_entropy"], res["ablation"], res["gaps"]
   pub, merged = ce["public only"], ce["merged (all experts)"]
   for owner, other in (("code", "math"), ("math", "code")):
     assert ce[f"public + {owner}"][owner] < pub[owner] - 0.5
     assert ce[f"public + {owner}"][owner] < merged[owner] < pub[owner]
     for d in ("prose", "code", "math"):
       assert ce[f"merged, {other} opted out"][d] == pytest.approx(ce[f"public + {owner}"][d], abs=2e-3)
-  assert merged["prose"] > pub["prose"]
+  two = sorted(ce[f"public + {o}"]["prose"] for o in ("code", "math"))
+  assert pub["prose"] < two[0] and two[0] < merged["prose"] < two[1]
+  for r in ("fixed", "learn"):
+    m = ab[f"router {r}: merged (all experts)"]
+    assert gaps[r]["prose"] == pytest.approx(m["prose"] - pub["prose"], abs=2e-3)
+    for o in ("code", "math"): assert gaps[r][o] == pytest.approx(m[o] - ab[f"router {r}: public + {o}"][o], abs=2e-3)
+  assert gaps["learn"]["math"] > 0.5 and gaps["fixed"]["math"] < 0.15
+  assert gaps["learn"]["code"] < gaps["fixed"]["code"] and gaps["learn"]["prose"] < gaps["fixed"]["prose"]
+  assert res["meta"]["router"] == "fixed" and ab["router fixed: merged (all experts)"] == merged
   assert (ROOT / "demo" / "RESULTS.md").read_text().count("|") > 20
