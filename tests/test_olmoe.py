@@ -396,7 +396,9 @@ def test_ctrl_c_during_generation_keeps_the_text_and_exits_130(tmp_path):
   path = save_hf_olmoe(tmp_path, seed=2, max_position_embeddings=8192, eos_token_id=None)
   p = subprocess.Popen([sys.executable, str(ROOT / "olmoe.py"), "--model", str(path), "--prompt", "The quick",
                         "--prompt", "A", "--max-new-tokens", "8000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                       text=True, cwd=ROOT)
+                       text=True, cwd=ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  # (a suite started in the background by a non-interactive shell inherits SIGINT ignored, and Python then never
+  # turns Ctrl-C into KeyboardInterrupt: the command is given the disposition a terminal would give it)
   seen = p.stdout.read(len("The quick") + 3)                        # the prompt, then generated text
   time.sleep(0.5)
   p.send_signal(signal.SIGINT)
