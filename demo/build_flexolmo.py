@@ -136,8 +136,7 @@ def main(argv=None) -> int:
   shutil.rmtree(tmp, ignore_errors=True)
   shutil.copytree(merged, tmp)
   train.write_hashes(tmp)
-  shutil.rmtree(a.out, ignore_errors=True)
-  tmp.rename(a.out)
+  train.replace_folder(tmp, a.out)
   print(f"wrote {a.out} and demo/RESULTS.md in {meta['minutes']} min")
   return 0
 
