@@ -37,7 +37,7 @@ from tinygrad.nn.state import safe_load
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "demo")]
-import olmoe, olmoe_cli, flexolmo               # noqa: E402
+import olmoe, olmoe_cli, olmoe_speedups, flexolmo  # noqa: E402
 from olmoe import OlmoeError                   # noqa: E402
 from olmoe_checkpoint import to_raw, write_safetensors  # noqa: E402
 from olmoe_tokenizer import Tokenizer           # noqa: E402
@@ -246,6 +246,7 @@ def train(data_dir: Path, out: Path, work: Path, arch: str = "olmoe", domains: t
   With `stop_after`, stop after that many steps of this call, leaving work/last/ to --resume from (out unwritten)."""
   cfg_dict = {**ARCH, **(arch_overrides or {})}
   check_run(data_dir, domains, cfg_dict, steps, batch_size, seq_len, lr, warmup, weight_decay, alpha, beta)
+  olmoe_cli.prepare_compiler()                  # before the first kernel is compiled
   work.mkdir(parents=True, exist_ok=True)
   # 1. tokenizer: trained once per work folder (or given), then always read back through Tokenizer
   tok_path = work / "tokenizer.json"
@@ -313,7 +314,7 @@ def train(data_dir: Path, out: Path, work: Path, arch: str = "olmoe", domains: t
              "objective": "CE + alpha * LB + beta * Z, olmoe.lm_loss (LB in MegaBlocks' per-layer form, balanced value 1)"
              if moe else "CE", "alpha_lb": alpha if moe else 0.0, "beta_z": beta if moe else 0.0,
              "tokens_seen": steps * batch_size * seq_len, "train_seconds": round(log["seconds"], 1),
-             "tinygrad": tinygrad_version(), "device": Device.DEFAULT,
+             "tinygrad": olmoe_speedups.TINYGRAD, "device": Device.DEFAULT,
              "final_train_loss_mean_last_50": round(float(np.mean(log["loss"][-50:])), 5) if log["loss"] else None,
              "valid_ce": log["eval"], "data_manifest": json.loads((Path(data_dir) / "manifest.json").read_text())
              if (Path(data_dir) / "manifest.json").exists() else None,
@@ -322,12 +323,6 @@ def train(data_dir: Path, out: Path, work: Path, arch: str = "olmoe", domains: t
                  "load_entropy_every_step": log["load_entropy"], "load_every_10_steps": log["load"]} if moe else {})}
   save_model(model, arch, out, tok_path, dtype, extra={"train_log.json": summary})
   return log
-
-def tinygrad_version() -> str:
-  from importlib.metadata import version, PackageNotFoundError
-  try: return version("tinygrad")
-  except PackageNotFoundError: return "unknown"
-
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -359,9 +354,6 @@ def main(argv=None) -> int:
       try: overrides[k] = json.loads(v) if eq else None
       except json.JSONDecodeError: raise OlmoeError(f"--set {s}: the value is not JSON (e.g. --set hidden_size=64)") from None
       if not eq: raise OlmoeError(f"--set {s}: expected FIELD=VALUE")
-    check_run(a.data, tuple(a.domains.split(",")), {**ARCH, **overrides}, a.steps, a.batch_size, a.seq_len, a.lr,
-              a.warmup, 0.01, a.alpha, a.beta)
-    olmoe_cli.prepare_compiler()                # before the first kernel is compiled
     work = a.work or ROOT / "demo" / "build" / a.out.name
     log = train(a.data, a.out, work, a.arch, tuple(a.domains.split(",")), a.steps, a.batch_size, a.seq_len, a.lr,
                 a.warmup, seed=a.seed, tokenizer=a.tokenizer, arch_overrides=overrides, save_every=a.save_every,
