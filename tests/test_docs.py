@@ -201,7 +201,7 @@ def test_systems_numbers_on_the_pages():
   _, env = run("snippets/systems.py")
   assert f"{env['read'] / 1e9:.2f} GB read per token" in page("systems.md")
   assert f"reads {env['read'] / 1e9:.1f} GB, because" in page("systems.md")
-  per_token = lambda B: (env["shared"] - env["V"] * env["D"] + B * env["D"] + env["L"] * env["E"] * (1 - (1 - env["k"] / env["E"]) ** B) * env["expert"]) * 2 / B
+  per_token = lambda B: env["step_bytes"](B)[1] / B
   assert f"fall by {per_token(1) / per_token(16):.1f}× for OLMoE" in page("systems.md")
   assert f"about {round(env['bandwidth'] / env['read'], -2):.0f} tokens/s" in page("systems.md")
   assert f"{(7 / 8) ** 100:.1e}".startswith("1.6") and "1.6 \\times 10^{-6}" in page("systems.md")

@@ -18,9 +18,12 @@ print(f"  at most {bandwidth / read:.0f} tokens/s for one sequence")
 print(f"resident: all {total / 1e9:.2f}B parameters, {total * B16 / 1e9:.1f} GB")
 print()
 print("batch B  experts touched  GB read per step  GB per token  (dense 1.3B model)")
+def step_bytes(B):                     # a decode step of B tokens: B embedding rows,
+  touched = E * (1 - (1 - k / E) ** B)   # the expected distinct experts per layer,
+  return touched, (shared - V * D + B * D + L * touched * expert) * B16   # the rest once
+
 for B in (1, 4, 16, 64, 256):
-  touched = E * (1 - (1 - k / E) ** B)   # expected distinct experts per layer
-  step = (shared - V * D + B * D + L * touched * expert) * B16   # B embedding rows
+  touched, step = step_bytes(B)
   print(f"{B:7d}  {touched:15.1f}  {step / 1e9:16.2f}  {step / B / 1e9:12.3f}"
         f"  ({read / B / 1e9:.3f})")
 print()
