@@ -4,7 +4,7 @@ Bad input (an impossible request, a missing or malformed model folder) ends in o
 checked before any model is loaded where it can be.
 """
 from __future__ import annotations
-import argparse, atexit, os, sys
+import argparse, atexit, contextlib, os, signal, sys, threading
 from pathlib import Path
 from typing import Callable
 from olmoe import OlmoeError, Step, generate
@@ -72,19 +72,40 @@ def run_cli(args, model, tok, expert_names: list[str] | None = None) -> None:
   streams, texts, done = [TextStream(tok) for _ in prompts], ["" for _ in prompts], [False for _ in prompts]
   print(args.prompt[0], end="", flush=True)
   try:
-    for step in generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                         with_routing=args.show_routing):
-      for b, t in enumerate(step.tokens):
-        if done[b] or t in model.cfg.eos_ids:
-          done[b] = True
-          continue
-        piece = streams[b].push(t)
-        texts[b] += piece
-        if b == 0: print(piece, end="", flush=True)
-      if args.show_routing and not done[0]: print("\n" + show_routing(step, expert_names), flush=True)
+    with stop_between_tokens() as stop:
+      for step in generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                           with_routing=args.show_routing):
+        emit(args, model, step, streams, texts, done, expert_names)
+        if stop.is_set(): raise KeyboardInterrupt
   finally:                                   # also on Ctrl-C: every prompt's text so far
     print(streams[0].flush(), flush=True)
     for p, t, s in list(zip(args.prompt, texts, streams))[1:]: print(f"--- {p}{t}{s.flush()}", flush=True)
+
+def emit(args, model, step: Step, streams, texts, done, expert_names) -> None:
+  """Decode one step's tokens: the first prompt's text goes to stdout now, the others' is kept for the end."""
+  for b, t in enumerate(step.tokens):
+    if done[b] or t in model.cfg.eos_ids:
+      done[b] = True
+      continue
+    piece = streams[b].push(t)
+    texts[b] += piece
+    if b == 0: print(piece, end="", flush=True)
+  if args.show_routing and not done[0]: print("\n" + show_routing(step, expert_names), flush=True)
+
+@contextlib.contextmanager
+def stop_between_tokens():
+  """Turn the first Ctrl-C into a request to stop after the current token (the event it yields), so that the interrupt
+  never lands inside tinygrad, half-way through building a buffer; a second Ctrl-C interrupts at once."""
+  stop = threading.Event()
+  if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    yield stop                               # only the main thread may handle signals; an ignored Ctrl-C stays ignored
+    return
+  def first(signum, frame):
+    stop.set()
+    signal.signal(signal.SIGINT, previous)
+  previous = signal.signal(signal.SIGINT, first)
+  try: yield stop
+  finally: signal.signal(signal.SIGINT, previous)
 
 def exit_code(run: Callable[[], None]) -> int:
   """Run a command: 0 when it succeeds, 2 with one `error: ...` line on stderr when it raises OlmoeError, 130 (the
