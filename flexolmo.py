@@ -151,6 +151,7 @@ def write_checkpoint(out: Path, config: dict, tensors: dict[str, Raw], tokenizer
                      inputs: list[Path]) -> None:
   """Write config.json + model.safetensors (+ tokenizer.json) into a temporary folder, then rename it to `out`."""
   out = check_out(out, inputs)
+  if tokenizer is not None and tokenizer.exists(): Tokenizer.from_file(tokenizer)   # a malformed one is not passed on
   for stale in out.parent.glob(f".{out.name}.partial-*"):      # left by a run that was killed: its process is gone
     pid = stale.name.rsplit("-", 1)[-1]
     if pid.isdigit() and not Path(f"/proc/{pid}").exists(): shutil.rmtree(stale, ignore_errors=True)

@@ -53,3 +53,16 @@ def test_the_probes_agree_with_clang_itself(tmp_path, monkeypatch):
   assert olmoe_compiler.compiler() is None                                     # this machine's clang does bf16
   monkeypatch.setenv("CC", str(tmp_path / "no-such-clang"))
   assert olmoe_compiler.compiler() == "missing" and olmoe_compiler.cpu_target() is None
+
+
+@pytest.mark.skipif(not olmoe_compiler.platform.machine().lower() in ("x86_64", "amd64"), reason="an x86 target")
+def test_the_bf16_demo_on_a_cpu_without_bf16_instructions(tmp_path):
+  """A laptop CPU without AVX512-BF16 (x86-64-v3: AVX2 and FMA): the bf16 demo compiles with no bf16 instruction and
+  no compiler-runtime call, and prints the greedy text that the same weights give here in fp32."""
+  env = dict(DEV="CPU:CLANG:x86_64,x86-64-v3", XDG_CACHE_HOME=str(tmp_path / "xdg"), CACHEDB=str(tmp_path / "cache.db"))
+  r = run_cli("--prompt", "The mixture of experts", "--max-new-tokens", "12", **env)
+  assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+  model, tok = olmoe.load(str(DEMO), dtype="float32", progress=False)
+  ids = [s.tokens[0] for s in olmoe.generate(model, [tok.encode("The mixture of experts")], 12)]
+  ids = ids[:next((n for n, t in enumerate(ids) if t in model.cfg.eos_ids), len(ids))]
+  assert r.stdout == "The mixture of experts" + tok.decode(ids) + "\n"

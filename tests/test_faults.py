@@ -41,26 +41,22 @@ def flex_folder(path: Path, experts: int, rng, public: dict | None = None) -> Pa
   return path
 
 
-def test_merge_killed_at_random_points_leaves_nothing_half_written(tmp_path):
-  """SIGKILL at a random point of `flexolmo.py merge`: under the requested name there is either nothing or the
-  whole merged checkpoint, and the next run leaves no partial folder behind."""
-  rng = np.random.default_rng(0)
-  public = flex_folder(tmp_path / "public", 1, rng)
-  owners = [flex_folder(tmp_path / n, 2, rng, read_raw(public)) for n in ("a", "b")]
-  cmd = lambda out: [sys.executable, str(ROOT / "flexolmo.py"), "merge", "--public", str(public), "--expert",
-                     f"a={owners[0]}", "--expert", f"b={owners[1]}", "--out", str(out)]
+def killed_at_random_points(tmp_path: Path, cmd) -> None:
+  """SIGKILL `cmd(out)` at 8 random points of a run: under `out` there is either nothing or the whole folder (the
+  files a complete run writes), and the next run leaves no partial folder behind."""
   t0 = time.perf_counter()
   subprocess.run(cmd(tmp_path / "whole"), check=True, capture_output=True, timeout=300)
   whole = time.perf_counter() - t0
+  files = {f.name for f in (tmp_path / "whole").iterdir()}
   draw, complete = random.Random(7), 0
   for kill in range(8):
-    out = tmp_path / f"merged{kill}"
+    out = tmp_path / f"out{kill}"
     p = subprocess.Popen(cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(draw.uniform(0.3, 1.1) * whole)
     p.send_signal(signal.SIGKILL); p.wait()
     if out.exists():                                         # the rename happened before the kill: it is whole
       complete += 1
-      assert {f.name for f in out.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
+      assert {f.name for f in out.iterdir()} == files
       assert read_raw(out).keys() == read_raw(tmp_path / "whole").keys()
     else:
       r = subprocess.run(cmd(out), capture_output=True, text=True, timeout=300)   # the next run
@@ -73,6 +69,22 @@ def test_merge_killed_at_random_points_leaves_nothing_half_written(tmp_path):
   stale.mkdir(); (stale / "model.safetensors").write_bytes(b"half")
   subprocess.run(cmd(tmp_path / "again"), check=True, capture_output=True, timeout=300)
   assert not stale.exists() and (tmp_path / "again" / "model.safetensors").exists()
+
+
+def test_merge_killed_at_random_points_leaves_nothing_half_written(tmp_path):
+  rng = np.random.default_rng(0)
+  public = flex_folder(tmp_path / "public", 1, rng)
+  owners = [flex_folder(tmp_path / n, 2, rng, read_raw(public)) for n in ("a", "b")]
+  killed_at_random_points(tmp_path, lambda out: [sys.executable, str(ROOT / "flexolmo.py"), "merge", "--public",
+                          str(public), "--expert", f"a={owners[0]}", "--expert", f"b={owners[1]}", "--out", str(out)])
+
+
+def test_train_expert_killed_at_random_points_leaves_nothing_half_written(tmp_path):
+  public = flex_folder(tmp_path / "public", 1, np.random.default_rng(1))
+  (tmp_path / "owner.txt").write_text("an owner's own text, a few words repeated. " * 40)
+  killed_at_random_points(tmp_path, lambda out: [sys.executable, str(ROOT / "flexolmo.py"), "train-expert", "--public",
+                          str(public), "--data", str(tmp_path / "owner.txt"), "--out", str(out), "--steps", "6",
+                          "--seq-len", "8", "--batch", "2"])
 
 
 CACHE_WRITER = """
@@ -132,3 +144,18 @@ def test_merge_inputs_with_config_values_of_the_wrong_type_are_one_line(tmp_path
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "num_hidden_layers = '1' is not int" in lines[0], r.stderr
     (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_merge_refuses_a_public_tokenizer_it_would_copy_broken(tmp_path):
+  """merge copies the public model's tokenizer.json into its output: a malformed one is refused before anything is
+  written, instead of producing a folder that cannot be loaded."""
+  rng = np.random.default_rng(4)
+  public = flex_folder(tmp_path / "public", 1, rng)
+  owner = flex_folder(tmp_path / "a", 2, rng, read_raw(public))
+  spec = json.loads((public / "tokenizer.json").read_text())
+  (public / "tokenizer.json").write_text(json.dumps({**spec, "model": 8}))
+  r = subprocess.run([sys.executable, str(ROOT / "flexolmo.py"), "merge", "--public", str(public), "--expert",
+                      f"a={owner}", "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1 and "malformed tokenizer.json" in lines[0], r.stderr
+  assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))

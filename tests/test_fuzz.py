@@ -1,11 +1,14 @@
-"""Malformed model folders, made by seeded random edits of a valid one, through `olmoe.load` and `flexolmo.load`.
+"""Malformed model folders, made by seeded random edits of a valid one, through `olmoe.load` and `flexolmo.load`
+(1,000 cases) and through the command lines (1,000 cases run in this process, and a sample as separate processes).
 
-Every case must end in an OlmoeError (the one line the command line prints) or in a model whose every tensor has the
-shape its config implies; any other exception is a failure. The edits are the ones a download or an editor can
+Through the API every case must end in an OlmoeError (the one line the command line prints) or in a model whose
+every tensor has the shape its config implies; through the command lines, in exit code 2 with one `error:` line or
+in a run that prints its text (or, for `merge`, writes a folder that loads). Any other exception is a failure, and
+so is a case that allocates more than a small fixed size (a limit on the process's data segment, RLIMIT_DATA). The edits are the ones a download or an editor can
 make: truncation at section boundaries and at random points, flipped bytes in the safetensors header, header
 entries with another shape, dtype or byte range, config.json values of the wrong type or range, tokenizer.json
 cut or given values of the wrong type, files missing, empty, or replaced by folders."""
-import json, random, shutil, struct
+import contextlib, io, json, random, resource, shutil, struct, time
 from pathlib import Path
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ import olmoe, flexolmo
 from olmoe_checkpoint import read_raw, to_raw, write_safetensors
 
 CASES = 1000
+PEAK = 256 * 2 ** 20   # bytes a case may allocate beyond what the process holds; the valid folder is about 40 kB
 CONFIG = dict(model_type="olmoe", vocab_size=320, hidden_size=8, intermediate_size=4, num_hidden_layers=1,
               num_attention_heads=2, num_experts=3, num_experts_per_tok=2, max_position_embeddings=32,
               eos_token_id=0, pad_token_id=1)
@@ -41,8 +45,17 @@ def valid_folder(root: Path) -> Path:
   return folder
 
 
+KINDS = ["cut", "cut_boundary", "flip_header", "shape", "dtype", "offsets", "config", "config_drop", "tokenizer_cut",
+         "tokenizer_value", "missing", "empty", "folder"]
+
+
 def mutate(folder: Path, rng: random.Random) -> str:
-  """Apply one random edit to the copy in `folder`; returns what was done."""
+  """Apply one random edit to the copy in `folder`; returns its kind and what was done, `kind: what`."""
+  kind = rng.choice(KINDS)
+  return f"{kind}: {edit(folder, rng, kind)}"
+
+
+def edit(folder: Path, rng: random.Random, kind: str) -> str:
   st, cfg, tok = folder / "model.safetensors", folder / "config.json", folder / "tokenizer.json"
   blob = bytearray(st.read_bytes())
   (n,) = struct.unpack("<Q", blob[:8])
@@ -52,8 +65,6 @@ def mutate(folder: Path, rng: random.Random) -> str:
     head = json.dumps(h).encode()
     head += b" " * (-len(head) % 8)
     st.write_bytes(struct.pack("<Q", len(head)) + head + bytes(blob[8 + n:]))
-  kind = rng.choice(["cut", "cut_boundary", "flip_header", "shape", "dtype", "offsets", "config", "config_drop",
-                     "tokenizer_cut", "tokenizer_value", "missing", "empty", "folder"])
   if kind == "cut":
     at = rng.randrange(len(blob)); st.write_bytes(bytes(blob[:at])); return f"safetensors cut at {at}"
   if kind == "cut_boundary":
@@ -91,8 +102,28 @@ def mutate(folder: Path, rng: random.Random) -> str:
   victim.unlink(); victim.mkdir(); return f"{victim.name} is a folder"
 
 
+def data_size() -> int:
+  """This process's data segment (heap and private mappings), in bytes: what RLIMIT_DATA limits."""
+  for line in Path("/proc/self/status").read_text().splitlines():
+    if line.startswith("VmData:"): return int(line.split()[1]) * 1024
+  raise OSError("no VmData in /proc/self/status")
+
+
+@contextlib.contextmanager
+def at_most(limit: int, what: str):
+  """Run the block with at most `limit` more bytes of data segment than the process holds now (a larger allocation
+  raises MemoryError, which the callers count as a failure), at the cost of one system call."""
+  soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+  resource.setrlimit(resource.RLIMIT_DATA, (min(data_size() + limit, hard) if hard != resource.RLIM_INFINITY
+                                            else data_size() + limit, hard))
+  try: yield
+  except MemoryError: pytest.fail(f"{what}: more than {limit / 2 ** 20:.0f} MiB")
+  finally: resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
 def check(load, folder: Path, what: str) -> str:
-  try: model, _ = load(str(folder))
+  try:
+    with at_most(PEAK, what): model, _ = load(str(folder))
   except olmoe.OlmoeError as e:
     assert "\n" not in str(e), f"{what}: a multi-line error"
     return "refused"
@@ -103,27 +134,40 @@ def check(load, folder: Path, what: str) -> str:
   return "loaded"
 
 
+def flex_valid(root: Path) -> Path:
+  """The valid folder as a 3-expert FlexOlmo checkpoint (FlexOlmo has post-norms where OLMoE has input_layernorm)."""
+  valid = valid_folder(root)
+  c = json.loads((valid / "config.json").read_text())
+  (valid / "config.json").write_text(json.dumps({**c, "model_type": "flex_olmo", "expert_names": ["a", "b", "c"]}))
+  raw = read_raw(valid)
+  raw["model.layers.0.post_feedforward_layernorm.weight"] = raw.pop("model.layers.0.input_layernorm.weight")
+  write_safetensors(valid / "model.safetensors", raw)
+  return valid
+
+
 @pytest.mark.parametrize("which", ["olmoe", "flexolmo"])
 def test_a_thousand_malformed_folders_end_in_one_clear_error_or_a_consistent_model(which, tmp_path):
-  valid = valid_folder(tmp_path)
-  if which == "flexolmo":
-    c = json.loads((valid / "config.json").read_text())
-    (valid / "config.json").write_text(json.dumps({**c, "model_type": "flex_olmo", "expert_names": ["a", "b", "c"]}))
+  valid = flex_valid(tmp_path) if which == "flexolmo" else valid_folder(tmp_path)
   load = (lambda f: olmoe.load(f, progress=False)) if which == "olmoe" else \
          (lambda f: flexolmo.load(f, progress=False))
-  if which == "flexolmo":   # FlexOlmo has post-norms where OLMoE has input_layernorm: rename the tensor
-    raw = read_raw(valid)
-    raw["model.layers.0.post_feedforward_layernorm.weight"] = raw.pop("model.layers.0.input_layernorm.weight")
-    write_safetensors(valid / "model.safetensors", raw)
   assert check(load, valid, "the valid folder") == "loaded"
-  rng, outcomes = random.Random(1234), {"refused": 0, "loaded": 0}
+  rng, outcomes = random.Random(1234), []
   for case in range(CASES // 2):
     folder = tmp_path / f"case{case}"
     shutil.copytree(valid, folder)
-    what = f"case {case}: " + mutate(folder, rng)
-    outcomes[check(load, folder, what)] += 1
+    change = mutate(folder, rng)
+    outcomes.append((change.split(":")[0], check(load, folder, f"case {case}: {change}")))
     shutil.rmtree(folder)
-  assert outcomes["refused"] > CASES // 4            # most edits break the folder, and each was said in one line
+  print(tally(which + " API", outcomes))
+  assert sum(o == "refused" for _, o in outcomes) > CASES // 4    # most edits break the folder, each said in one line
+
+
+def tally(name: str, outcomes: list[tuple[str, object]]) -> str:
+  """`name: N cases; kind refused/other ...`: how each kind of edit ended."""
+  kinds = sorted({k for k, _ in outcomes})
+  per = {k: [o for kk, o in outcomes if kk == k] for k in kinds}
+  bad = lambda o: o in ("refused", 2)
+  return f"{name}: {len(outcomes)} cases; " + ", ".join(f"{k} {sum(map(bad, v))}/{len(v)}" for k, v in per.items())
 
 
 def test_an_expert_of_another_shape_is_refused_even_when_its_bytes_fit(tmp_path):
@@ -160,3 +204,62 @@ def test_malformed_folders_through_the_command_line(tmp_path):
   print(f"command line: {len(codes)} cases, {codes.count(2)} refused, {codes.count(0)} generated, "
         f"largest process {max(peaks) / 1024:.0f} MiB")
   assert codes[0] == 0 and codes.count(2) >= 8 and max(peaks) < 2 * 2 ** 20, (codes, peaks)
+
+
+def run_main(main, argv: list[str], what: str) -> tuple[int, str, str]:
+  """A command line run in this process: (exit code, stdout, stderr). Anything but a return or argparse's exit is a
+  traceback the user would see."""
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      with at_most(PEAK, what): code = main(argv)
+    except SystemExit as e: code = e.code
+    except Exception as e:   # noqa: BLE001 -- the point: the command must not raise
+      pytest.fail(f"{what}: {e.__class__.__name__}: {e}")
+  return code, out.getvalue(), err.getvalue()
+
+
+def one_line_or_success(code: int, err: str, what: str) -> None:
+  lines = err.strip().splitlines()
+  assert code in (0, 2) and "Traceback" not in err, f"{what} (exit {code})\n{err[-2000:]}"
+  if code == 2: assert len(lines) == 1 and lines[0].startswith("error: "), f"{what}\n{err}"
+
+
+@pytest.mark.parametrize("which,cases", [("olmoe", 350), ("flexolmo", 350), ("merge", 300)])
+def test_a_thousand_malformed_folders_through_the_command_lines(which, cases, tmp_path):
+  """`olmoe.py --model DIR`, `flexolmo.py --model DIR` and `flexolmo.py merge` (one of its inputs edited) run in this
+  process, 1,000 cases in all: exit 2 with one line, or a run that prints the prompt and its continuation; a merge
+  that fails leaves no folder (and no partial one) behind, one that succeeds writes a folder that loads."""
+  from test_faults import flex_folder
+  rng, codes = random.Random({"olmoe": 5, "flexolmo": 6, "merge": 7}[which]), []
+  if which == "merge":
+    public = flex_folder(tmp_path / "public", 1, np.random.default_rng(0))
+    valid = flex_folder(tmp_path / "owner", 2, np.random.default_rng(1), read_raw(public))
+  else: valid = flex_valid(tmp_path) if which == "flexolmo" else valid_folder(tmp_path)
+  main = olmoe.main if which == "olmoe" else flexolmo.main
+  slowest = 0.0
+  for case in range(-1, cases):        # case -1: the valid folder
+    t0 = time.perf_counter()
+    cases_dir = tmp_path / f"case{case}"
+    cases_dir.mkdir()
+    edited = shutil.copytree(public if which == "merge" and case % 4 == 3 else valid, cases_dir / "in")
+    change = mutate(edited, rng) if case >= 0 else "valid: the valid folder"
+    what = f"{which} case {case}: {change}"
+    if which == "merge":
+      pub, owner = (edited, valid) if case % 4 == 3 else (public, edited)
+      out = cases_dir / "merged"
+      code, _, err = run_main(main, ["merge", "--public", str(pub), "--expert", f"b={owner}", "--out", str(out)], what)
+      one_line_or_success(code, err, what)
+      assert out.exists() == (code == 0), what
+      assert not list(cases_dir.glob(".merged.partial-*")), f"{what}: a partial folder was left"
+      if code == 0: flexolmo.load(str(out), progress=False)
+    else:
+      code, out, err = run_main(main, ["--model", str(edited), "--prompt", "hi", "--max-new-tokens", "2"], what)
+      one_line_or_success(code, err, what)
+      if code == 0: assert out.startswith("hi") and out.endswith("\n"), f"{what}: {out!r}"
+    codes.append((change.split(":")[0], code))
+    shutil.rmtree(cases_dir)
+    slowest = max(slowest, time.perf_counter() - t0)
+  print(tally(which + " command line (refused/cases per kind)", codes) + f"; slowest case {slowest:.1f} s")
+  assert codes[0] == ("valid", 0) and sum(c == 2 for _, c in codes) > cases // 2, codes
+  assert slowest < 60, f"a case took {slowest:.0f} s"       # the first run compiles the model's kernels
