@@ -382,6 +382,8 @@ class Olmoe:
     self._prefills: dict = {}                       # TinyJit'd prefills, per (batch size, padded length, masked?, k)
     self._decoders: dict = {}                       # TinyJit'd decode steps, one per (batch size, masked?, k)
     self._caches: dict[int, list[Tensor]] = {}      # KV caches, one set per batch size
+    self._extenders: dict = {}                      # TinyJit'd prompt extensions, per (batch size, length, masked?, k)
+    self._held: tuple | None = None                 # what the batch-1 cache holds: (routing, left pad, token ids)
 
   @property
   def dtype(self) -> DType: return self.embed_tokens.dtype
@@ -666,27 +668,36 @@ class Step(NamedTuple):
 
 def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_ids: tuple[int, ...] | None = None,
-             with_routing: bool = False) -> Iterator[Step]:
+             with_routing: bool = False, reuse_cache: bool = False) -> Iterator[Step]:
   """Yield one `Step` per new position for a batch of prompts (token-id lists, left-padded here).
 
   The whole prompt goes through the model in one prefill call, `TinyJit`-compiled once per padded prompt length;
   each later token is one compiled decode step at a symbolic position. Routing stays on the device; only the
   last-position logits come back to sample. A row that produced a stop id (default: the config's EOS) keeps
-  yielding the pad id until every row stopped."""
+  yielding the pad id until every row stopped.
+
+  With reuse_cache=True (one prompt), the ids that the previous reuse_cache call left in the KV cache (its prompt and
+  the tokens it fed back) are not run again where the new prompt starts with them: a chat's earlier turns. Only the
+  caller knows that the weights did not change in between."""
   cfg = model.cfg
   if not prompts or any(len(p) == 0 for p in prompts): raise OlmoeError("empty prompt")
   if max_new_tokens <= 0: raise OlmoeError(f"max_new_tokens must be positive, got {max_new_tokens}")
   Tp, B, S_max = max(map(len, prompts)), len(prompts), cfg.context_length          # prompt positions, batch, cache
   if Tp > S_max - 1: raise OlmoeError(f"prompt of {Tp} tokens is longer than the model's context ({S_max} positions)")
-  # left-pad to a multiple of PREFILL_MULTIPLE, so that one compiled prefill serves a range of prompt lengths (not
-  # where that would shorten the generation, nor with dynamic RoPE, whose frequencies depend on the length)
-  padded = -(-Tp // PREFILL_MULTIPLE) * PREFILL_MULTIPLE
-  if cfg.rope_kind != "dynamic" and padded + min(max_new_tokens, S_max - Tp) <= S_max: Tp = padded
+  routing_key = (model.top_k, None if model.expert_mask is None else model.expert_mask.numpy().tobytes())
+  reuse, npad = held_prefix(model, prompts, routing_key) if reuse_cache else 0, None
+  if reuse:                              # the cache holds the prompt's first `reuse` ids, after the same left pad
+    npad = [model._held[1]]
+    Tp = npad[0] + len(prompts[0])
+  else:
+    # left-pad to a multiple of PREFILL_MULTIPLE, so that one compiled prefill serves a range of prompt lengths (not
+    # where that would shorten the generation, nor with dynamic RoPE, whose frequencies depend on the length)
+    padded = -(-Tp // PREFILL_MULTIPLE) * PREFILL_MULTIPLE
+    if cfg.rope_kind != "dynamic" and padded + min(max_new_tokens, S_max - Tp) <= S_max: Tp = padded
+    npad = [Tp - len(p) for p in prompts]
   stop = set(cfg.eos_ids if stop_ids is None else stop_ids)
   rng = np.random.default_rng(seed)
   pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-  npad = [Tp - len(p) for p in prompts]
-  ids = Tensor([[pad] * n + p for n, p in zip(npad, prompts)], dtype=dtypes.int32)          # (B, Tp)
   key_ok = Tensor([[0] * n + [1] * (S_max - n) for n in npad], dtype=dtypes.bool)           # (B, S_max)
   offset = Tensor(npad, dtype=dtypes.int32).reshape(B, 1)                                   # (B, 1) position shift
   run = step_runner()
@@ -696,16 +707,31 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
     check_cache_size(model, B)
     model._caches[B] = run(_kv_caches, model, B)
   for layer, cache in zip(model.layers, model._caches[B]): layer.self_attn.cache_kv = cache
+  v_pos = UOp.variable("start_pos", 1, S_max - 1)
+  fed: list[int] = []                                          # the ids whose keys and values the cache now holds
+  model._held = None
   try:
-    if (prefill := model._prefills.get(k := (B, Tp, model.expert_mask is None, model.top_k))) is None:
-      prefill = model._prefills[k] = run.step(model, "prefill", k, _prefill)
-    logits, routing = run(prefill, model, ids, key_ok, offset, model.expert_mask)
+    if reuse:                          # only the new ids, at the positions after the held ones
+      new, start = prompts[0][reuse:], npad[0] + reuse
+      T = -(-len(new) // PREFILL_MULTIPLE) * PREFILL_MULTIPLE  # right-padded: see _extend
+      if cfg.rope_kind == "dynamic" or start + T > S_max: T = len(new)
+      if (extend := model._extenders.get(k := (B, T, model.expert_mask is None, model.top_k))) is None:
+        extend = model._extenders[k] = run.step(model, "extend", k, _extend)
+      chunk = Tensor([new + [pad] * (T - len(new))], dtype=dtypes.int32)                    # (1, T)
+      logits, routing = run(extend, model, chunk, v_pos.bind(start), key_ok, offset, model.expert_mask)
+      at = len(new) - 1                                        # the last new id's row of the (B, T, V) logits
+    else:
+      ids = Tensor([[pad] * n + p for n, p in zip(npad, prompts)], dtype=dtypes.int32)        # (B, Tp)
+      if (prefill := model._prefills.get(k := (B, Tp, model.expert_mask is None, model.top_k))) is None:
+        prefill = model._prefills[k] = run.step(model, "prefill", k, _prefill)
+      logits, routing = run(prefill, model, ids, key_ok, offset, model.expert_mask)
+      at = -1
+    fed = list(prompts[0])
     if (decode := model._decoders.get(k := (B, model.expert_mask is None, model.top_k))) is None:
       decode = model._decoders[k] = run.step(model, "decode", k, _decode_step)
-    v_pos = UOp.variable("start_pos", 1, S_max - 1)
     done = [False] * B
     for n in range(min(max_new_tokens, S_max - Tp)):
-      out = run(_to_host, logits, routing, with_routing)
+      out = run(_to_host, logits, routing, with_routing, at)
       nxt = sample(out[0], rng, temperature, top_k, top_p)
       toks = [pad if d else int(t) for d, t in zip(done, nxt)]
       yield Step(toks, *out[1:])
@@ -713,9 +739,23 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
       if all(done) or n + 1 == max_new_tokens: break
       tok = Tensor(toks, dtype=dtypes.int32).reshape(B, 1)                                  # (B, 1)
       logits, routing = run(decode, model, tok, v_pos.bind(Tp + n), key_ok, offset, model.expert_mask)
+      fed.append(toks[0]); at = -1
   finally:
     for layer in model.layers: layer.self_attn.cache_kv = None
+    model._held = (routing_key, npad[0], fed) if reuse_cache and B == 1 and cfg.rope_kind != "dynamic" else None
     run.finish()
+
+def held_prefix(model: Olmoe, prompts: list[list[int]], routing_key: tuple) -> int:
+  """How many of a single prompt's first ids the batch-1 KV cache already holds from the previous call (a chat's
+  earlier turns), computed with the same routing; 0 when none can be reused. At least one id is always run, for the
+  logits of the next."""
+  held = model._held
+  if len(prompts) != 1 or held is None or held[0] != routing_key: return 0
+  n = 0
+  for a, b in zip(held[2], prompts[0][:-1]):
+    if a != b: break
+    n += 1
+  return n if held[1] + len(prompts[0]) <= model.cfg.context_length - 1 else 0
 
 def check_cache_size(model: Olmoe, B: int) -> None:
   """On the CPU, refuse a KV cache (context_length positions of every layer) that cannot fit in memory."""
@@ -745,18 +785,30 @@ def _decode_step(model: Olmoe, tok: Tensor, start_pos: UOp, key_ok: Tensor, offs
   mask = attention_mask_3d(1, start_pos + 1, start_pos, key_ok[:, :start_pos + 1])          # (B, 1, S)
   return _realized(*model.forward(tok, positions, mask, start_pos, last_only=True, expert_mask=expert_mask))
 
-def _realized(logits: Tensor, r: Routing) -> tuple[Tensor, Routing]:
-  """The (B, V) fp32 last-position logits and the routing, realized inside the compiled call."""
-  weights, experts = [w.realize() for w in r.weights], [i.realize() for i in r.experts]
-  return logits[:, -1].float().realize(), Routing([], weights, experts)
+def _extend(model: Olmoe, ids: Tensor, start_pos: UOp, key_ok: Tensor, offset: Tensor, expert_mask: Tensor | None):
+  """T more prompt positions ids (1, T) after the start_pos ones the cache holds (a chat's new turn), with the logits
+  of every position. The ids may end in padding, so that one compiled graph serves a range of lengths: its keys and
+  values land in cache slots that each later token overwrites before any query can see them."""
+  T = ids.shape[1]
+  positions = (Tensor.arange(T) + start_pos).reshape(1, T) - offset                        # (1, T)
+  mask = attention_mask_3d(T, start_pos + T, start_pos, key_ok[:, :start_pos + T])          # (1, T, S)
+  return _realized(*model.forward(ids, positions, mask, start_pos, expert_mask=expert_mask), every=True)
 
-def _to_host(logits: Tensor, routing: Routing, with_routing: bool):
-  """The (B, V) last-position logits as numpy (and, if asked, the last position's routing, (L, B, k) each)."""
-  lg = logits.numpy()                                                                        # (B, V)
+def _realized(logits: Tensor, r: Routing, every: bool = False) -> tuple[Tensor, Routing]:
+  """The (B, V) fp32 last-position logits (every position's, (B, T, V), if asked) and the routing, realized inside
+  the compiled call."""
+  weights, experts = [w.realize() for w in r.weights], [i.realize() for i in r.experts]
+  return (logits if every else logits[:, -1]).float().realize(), Routing([], weights, experts)
+
+def _to_host(logits: Tensor, routing: Routing, with_routing: bool, at: int = -1):
+  """Position `at`'s (B, V) logits as numpy (and, if asked, its routing, (L, B, k) each); (B, V) logits are the
+  last position's already."""
+  lg = logits.numpy()
+  if lg.ndim == 3: lg = lg[:, at]                                                            # (B, V)
   if not with_routing: return lg, None, None
   B = lg.shape[0]
-  last = lambda ts: np.stack([t.reshape(B, -1, t.shape[-1])[:, -1].float().numpy() for t in ts])   # (L, B, k)
-  return lg, last(routing.weights), last(routing.experts).astype(np.int64)
+  pick = lambda ts: np.stack([t.reshape(B, -1, t.shape[-1])[:, at].float().numpy() for t in ts])   # (L, B, k)
+  return lg, pick(routing.weights), pick(routing.experts).astype(np.int64)
 
 def step_runner():
   """How `generate` makes and runs its compiled steps: `run.step(model, kind, shape, fn)` makes one (a TinyJit of fn,

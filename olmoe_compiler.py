@@ -5,6 +5,12 @@ Rapids and later), clang 19 never finishes some bf16 kernels, e.g. four neighbou
 zero-fill of a bf16 KV cache): it runs until its memory is exhausted. Turning those two CPU features off for the
 compiler avoids it; bf16 values are then converted with integer instructions, as on any other CPU.
 
+With those features off (and on every x86 CPU without them), clang turns a bf16 value copied through a register into
+a call of the compiler-runtime function `__truncsfbf2`, which tinygrad's loader looks up in libgcc_s: GCC has it
+only since version 13 (Debian 12 ships 12), and the kernel then fails to load. `bf16_runtime()` builds, once, a
+small library with that one function that links libgcc_s for the rest, and `use_cpu_target()` points tinygrad's
+runtime library at it (tinygrad reads its path from RT_PATH).
+
 `cpu_target()` compiles that kernel once with a time limit (only on CPUs that have the features) and returns the
 tinygrad device target that avoids the hang, or None when none is needed. The verdict is kept in a small file per
 compiler and CPU, so later processes do not probe again. `use_cpu_target()` makes this process's tinygrad use it,
@@ -13,7 +19,7 @@ unless `DEV` is already set. `compiler()` says whether there is a compiler at al
 import tinygrad.
 """
 from __future__ import annotations
-import functools, hashlib, json, os, platform, shutil, subprocess, tempfile
+import ctypes, functools, hashlib, json, os, platform, shutil, subprocess, tempfile
 from pathlib import Path
 
 PROBE = """void probe(__bf16* restrict out) {
@@ -27,6 +33,15 @@ TARGET = "CPU:CLANG:x86_64,native," + ",".join("-" + f for f in FEATURES_OFF)
 PROBE_SECONDS = 3.0     # the probe compiles in well under 0.1 s where clang is fine; where it hangs, a first run
                         # waits this long once (a verdict of "hangs" on a machine too busy to compile in 3 s only
                         # turns two CPU features off, which every kernel still compiles without)
+
+RUNTIME = """typedef unsigned int u32;
+typedef unsigned short u16;
+__bf16 __truncsfbf2(float f) {            /* float -> bf16, rounded to nearest even; a NaN stays a (quiet) NaN */
+  u32 u = __builtin_bit_cast(u32, f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return __builtin_bit_cast(__bf16, (u16)((u >> 16) | 0x40u));
+  return __builtin_bit_cast(__bf16, (u16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16));
+}
+"""
 
 def _cpu_flags() -> set[str]:
   try:
@@ -82,11 +97,41 @@ def compiler() -> str | None:
   arch = ["-march=native"] + (["-mno-" + f for f in FEATURES_OFF] if cpu_target() else [])
   return "no-bf16" if _verdict("bf16", lambda: _compile(arch)) == "error" else None
 
+def bf16_runtime() -> str | None:
+  """The path of a library that adds `__truncsfbf2` to libgcc_s (built on first use and kept beside the verdicts),
+  or None where libgcc_s has it already, or on other than x86-64 Linux, or where it cannot be built."""
+  if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"): return None
+  try:
+    if hasattr(ctypes.CDLL("libgcc_s.so.1"), "__truncsfbf2"): return None
+  except OSError: return None
+  cc = shutil.which(os.environ.get("CC", "clang"))
+  verdicts = _verdict_file(cc, os.environ.get("XDG_CACHE_HOME", "~/.cache")) if cc else None
+  if verdicts is None: return None
+  lib = verdicts.with_name(verdicts.stem + "-bf16rt.so")
+  if lib.exists(): return str(lib)
+  try:
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=lib.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+      r = subprocess.run([cc, "-shared", "-fPIC", "-O2", "-x", "c", "-", "-o", tmp, "-l:libgcc_s.so.1"],
+                         input=RUNTIME.encode(), capture_output=True, timeout=60)
+      if r.returncode != 0: return None
+      os.replace(tmp, lib)
+    finally: Path(tmp).unlink(missing_ok=True)
+  except (OSError, subprocess.TimeoutExpired): return None
+  return str(lib)
+
 def use_cpu_target() -> str | None:
-  """Unless DEV is set, point this process's tinygrad (and its child processes) at `cpu_target()`; returns it."""
+  """Unless DEV is set, point this process's tinygrad (and its child processes) at `cpu_target()`; returns it. Also
+  gives tinygrad's CPU loader `bf16_runtime()` where libgcc_s lacks `__truncsfbf2` (unless RT_PATH is set)."""
+  import sys
+  if not os.environ.get("RT_PATH") and (rt := bf16_runtime()) is not None:
+    os.environ["RT_PATH"] = rt                     # read when tinygrad's CPU runtime is imported
+    if (cpu := sys.modules.get("tinygrad.runtime.ops_cpu")) is not None:   # already imported: its loader's library
+      cpu.CPUProgram.rt_lib = type(cpu.CPUProgram.rt_lib)("rt", rt)
   if os.environ.get("DEV") or (target := cpu_target()) is None: return None
   os.environ["DEV"] = target                       # read by tinygrad when it is imported, and by child processes
-  import sys
   if "tinygrad.helpers" in sys.modules:            # already imported: set its DEV for the kernels still to compile
     sys.modules["tinygrad.helpers"].DEV.value = target
   return target

@@ -66,3 +66,23 @@ def test_the_bf16_demo_on_a_cpu_without_bf16_instructions(tmp_path):
   ids = [s.tokens[0] for s in olmoe.generate(model, [tok.encode("The mixture of experts")], 12)]
   ids = ids[:next((n for n, t in enumerate(ids) if t in model.cfg.eos_ids), len(ids))]
   assert r.stdout == "The mixture of experts" + tok.decode(ids) + "\n"
+
+
+def test_the_bf16_runtime_rounds_as_torch_does():
+  """bf16_runtime()'s __truncsfbf2 (where libgcc_s lacks it) rounds float32 to bf16 as torch does: to nearest, ties
+  to even, infinities kept, NaN stays NaN; the library also resolves libgcc_s's own functions."""
+  import ctypes, numpy as np, torch
+  path = olmoe_compiler.bf16_runtime()
+  if path is None: pytest.skip("libgcc_s has __truncsfbf2 (GCC 13 or newer), or not x86-64 Linux: nothing to add")
+  lib = ctypes.CDLL(path)
+  f = lib.__truncsfbf2
+  f.argtypes, f.restype = [ctypes.c_float], ctypes.c_uint32      # the bf16 comes back in xmm0's low 16 bits
+  rng = np.random.default_rng(0)
+  halfway = (rng.integers(0, 2 ** 16, 200, dtype=np.uint32) << 16 | 0x8000).view(np.float32)   # exact ties
+  x = np.concatenate([rng.standard_normal(2000).astype(np.float32) * 10.0 ** rng.integers(-30, 30, 2000),
+                      halfway[np.isfinite(halfway)], np.float32([0, -0.0, np.inf, -np.inf, 3.4e38, 1e-40, -1e-45])])
+  ours = np.array([f(float(v)) & 0xFFFF for v in x], dtype=np.uint16)
+  theirs = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+  assert (ours == theirs).all(), x[ours != theirs][:5]
+  assert np.isnan(np.uint32((f(float("nan")) & 0xFFFF) << 16).view(np.float32))
+  assert hasattr(lib, "__floattidf")

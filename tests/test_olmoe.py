@@ -406,3 +406,28 @@ def test_ctrl_c_during_generation_keeps_the_text_and_exits_130(tmp_path):
   assert p.returncode == 130, err
   assert seen.startswith("The quick") and len(seen) > len("The quick")
   assert "Traceback" not in err and "--- A" in out                 # the batch's other prompt, with its text so far
+
+
+def test_a_prompt_that_extends_the_previous_one_reuses_its_cache_and_gives_the_same_tokens():
+  """generate(..., reuse_cache=True) runs only the ids after the ones the previous call left in the KV cache (a chat's
+  earlier turns): its tokens and routing equal a fresh run's of the whole prompt (bf16 demo: its 16-wide prompt
+  extension copies bf16 values, the kernel that needs __truncsfbf2 on CPUs without AVX512-BF16). A prompt that
+  leaves the held prefix, or another expert mask, runs from scratch."""
+  model, tok = olmoe.load(str(ROOT / "models" / "olmoe-demo"), progress=False)
+  run = lambda p, **kw: list(olmoe.generate(model, [p], 6, with_routing=True, **kw))
+  first = tok.encode("The mixture of experts is")
+  said = [s.tokens[0] for s in run(first, reuse_cache=True)]
+  assert model._held[2] == first + said[:-1]                 # the last token was sampled, never fed back
+  turn = first + said + tok.encode(" and then a second turn that is a little longer than sixteen tokens, to see")
+  again = run(turn, reuse_cache=True)
+  fresh = run(turn)
+  assert [s.tokens for s in again] == [s.tokens for s in fresh]
+  assert all((a.experts == b.experts).all() and np.abs(a.weights - b.weights).max() < 1e-6 for a, b in zip(again, fresh))
+  assert model._held is None                                 # a call without reuse_cache leaves nothing to reuse
+  run(turn, reuse_cache=True)
+  assert olmoe.held_prefix(model, [turn[:5] + [7] + turn[6:]], model._held[0]) == 5     # up to the first change
+  model.expert_mask = Tensor(np.arange(model.cfg.num_experts) != 3)
+  try:
+    key = (model.top_k, model.expert_mask.numpy().tobytes())
+    assert olmoe.held_prefix(model, [turn + [5]], key) == 0                           # other experts: other keys
+  finally: model.expert_mask = None
