@@ -10,7 +10,8 @@ out at inference. How it differs from olmoe.py:
   3. RoPE rotates q and k in fp32 and casts back (OLMoE casts cos/sin to the model dtype). No clip_qkv.
   4. Defaults: rope_theta 500000, rms_norm_eps 1e-6, dolma2 tokenizer ids (eos 100257, pad 100277).
   5. Experts have names (config `expert_names`); excluding one sets its router logit to -inf before the softmax,
-     which is exactly deleting its router row and its FFN, and k is capped at the number of enabled experts.
+     which is exactly deleting its router row and its FFN, and k is capped at the number of enabled experts;
+     `load` does delete them: it reads only the kept experts. `attribution`: each expert's share of a generation.
   6. The recipe: `train-expert` (coordinated training of one owner's expert) and `merge` (assemble the owners').
 Same as OLMoE: the router `olmoe.route`, the stacked SwiGLU experts, the final norm, the LM head, losses, KV cache,
 generation, tokenizer and checkpoint loading. Shape comments use olmoe.py's legend (B, T, D, I, E, k, L, ...).
@@ -20,16 +21,18 @@ for it), router re-training on proxy data ("RT"), and the paper's external embed
 public model's own mean final hidden state stands in for it).
 """
 from __future__ import annotations
-import argparse, json, os, shutil, sys
-from dataclasses import dataclass
+import argparse, inspect, json, os, re, shutil, sys
+from dataclasses import dataclass, replace
+from typing import Iterable
 from pathlib import Path
 import numpy as np
 from tinygrad import Tensor, TinyJit, dtypes
 from tinygrad.helpers import Context, tqdm
 from tinygrad.nn.optim import AdamW
 import olmoe
-from olmoe import OlmoeError, Attention, SparseMoeBlock, Olmoe, OlmoeConfig, apply_rope
-from olmoe_checkpoint import Raw, load_checkpoint, load_weights, raw_to_numpy, read_config, read_raw, to_raw, write_safetensors
+from olmoe import OlmoeError, Attention, SparseMoeBlock, Olmoe, OlmoeConfig, Step, apply_rope
+from olmoe_checkpoint import (EXPERT_KEY, Raw, Stored, load_checkpoint, load_weights, raw_to_numpy, read_config, read_raw,
+                              take_rows, to_raw, write_safetensors)
 from olmoe_tokenizer import Tokenizer
 import olmoe_cli, olmoe_compiler
 
@@ -110,31 +113,69 @@ class FlexOlmo(Olmoe):
 
   def final_norm(self, h: Tensor) -> Tensor: return rms_norm_olmo2(h, self.norm, self.cfg.rms_norm_eps)
 
-  def select_experts(self, experts: list[str] | None = None, opt_out: list[str] | None = None) -> list[str]:
+  def select_experts(self, experts: ExpertChoice = None, opt_out: ExpertChoice = None) -> list[str]:
     """Enable only `experts` (names or indices), or all but `opt_out`; returns the enabled names.
 
     An excluded expert's router logit is -inf before the softmax: it can take no slot, and the softmax
-    renormalises over the others, exactly as if its router row and FFN were deleted. k is capped accordingly."""
+    renormalises over the others, exactly as if its router row and FFN were deleted. k is capped accordingly.
+    The weights of every expert stay in memory (to switch experts without reloading); `load` keeps only the chosen."""
     names = self.cfg.names()
-    def index(n: str | int) -> int:
-      if isinstance(n, int) and 0 <= n < len(names): return n
-      if n in names: return names.index(n)
-      if isinstance(n, str) and n.isdigit() and int(n) < len(names): return int(n)
-      raise OlmoeError(f"unknown expert {n!r} (this model has: {', '.join(names)})")
-    on = set(range(len(names))) if experts is None else {index(n) for n in experts}
-    on -= {index(n) for n in opt_out or []}
-    if not on: raise OlmoeError("every expert is excluded: keep at least one")
+    on = expert_indices(names, experts, opt_out)
     self.expert_mask = None if len(on) == len(names) else Tensor([e in on for e in range(len(names))])
     self.top_k = min(self.cfg.num_experts_per_tok, len(on))
-    return [names[e] for e in sorted(on)]
+    return [names[e] for e in on]
 
 
-def load(name: str, experts: list[str] | None = None, opt_out: list[str] | None = None, dtype=None,
+ExpertChoice = "list[str | int] | str | int | None"     # expert names or router-row indices (ints, or digit strings)
+
+def expert_indices(names: list[str], experts: ExpertChoice = None, opt_out: ExpertChoice = None) -> list[int]:
+  """The enabled experts' router rows, ascending: `experts` (default: all) minus `opt_out`, each a name or an index.
+  Unknown ones are an OlmoeError naming every one of them."""
+  as_list = lambda x: [] if x is None else [x] if isinstance(x, (str, int)) else list(x)
+  def index(n) -> int | None:
+    if isinstance(n, int) and not isinstance(n, bool): return n if 0 <= n < len(names) else None
+    if n in names: return names.index(n)
+    return int(n) if isinstance(n, str) and n.isdigit() and int(n) < len(names) else None
+  asked = as_list(experts) + as_list(opt_out)
+  if unknown := [n for n in asked if index(n) is None]:
+    raise OlmoeError(f"unknown expert{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} "
+                     f"(this model has: {', '.join(names)})")
+  on = set(range(len(names))) if experts is None else {index(n) for n in as_list(experts)}
+  on -= {index(n) for n in as_list(opt_out)}
+  if not on: raise OlmoeError("every expert is excluded: keep at least one")
+  return sorted(on)
+
+ROUTER_ROWS = re.compile(r"model\.layers\.\d+\.mlp\.(gate|experts\.gate_up_proj|experts\.down_proj)(\.weight)?")
+
+def keep_experts(cfg: FlexOlmoConfig, state: dict[str, Stored], keep: list[int]) -> tuple[FlexOlmoConfig, dict[str, Stored]]:
+  """The config and not-yet-read tensors of the model with only experts `keep` (ascending): their FFNs renumbered
+  0..E'-1 in the same order, the router W_r cut to their rows (E', D), k capped at E', and `expert_names` the kept
+  experts' original names. Softmax over the kept rows is the masked softmax of `select_experts` (an excluded logit
+  of -inf adds e^-inf = 0 to the denominator), and the top-k breaks ties towards the lower row in both, so this is
+  the same function with (E - E') / E of the expert weights never read."""
+  E = cfg.num_experts
+  if keep == list(range(E)): return cfg, state
+  out: dict[str, Stored] = {}
+  for key, t in state.items():
+    if (m := EXPERT_KEY.fullmatch(key)) and int(m[2]) < E:             # per-expert keys: kept ones renumbered
+      if int(m[2]) in keep: out[expert_key(int(m[1]), keep.index(int(m[2])), m[3])] = t
+    elif ROUTER_ROWS.fullmatch(key):                                   # the router and fused experts: one row per expert
+      if t.shape[:1] != (E,): raise OlmoeError(f"checkpoint: {key} has shape {t.shape}, config implies {E} experts")
+      out[key] = take_rows(t, keep)
+    else: out[key] = t
+  names = cfg.names()
+  return replace(cfg, num_experts=len(keep), num_experts_per_tok=min(cfg.num_experts_per_tok, len(keep)),
+                 expert_names=[names[e] for e in keep]), out
+
+
+def load(name: str, experts: ExpertChoice = None, opt_out: ExpertChoice = None, dtype=None,
          progress: bool = True) -> tuple[FlexOlmo, "olmoe_tokenizer.Tokenizer | None"]:
-  """(model, tokenizer) from a FlexOlmo checkpoint folder (or hub repo id), with only the chosen experts enabled."""
-  model, tok = load_checkpoint(name, FlexOlmoConfig, FlexOlmo, dtype, progress)
-  model.select_experts(experts, opt_out)
-  return model, tok
+  """(model, tokenizer) from a FlexOlmo checkpoint folder (or hub repo id) with only the chosen experts: `experts`
+  (names or indices, default all) minus `opt_out`. Only those experts' weights and router rows are read: the model
+  has E' experts, named by their original names (`cfg.names()`), and computes what the full model computes with the
+  others masked (`keep_experts`); memory is in proportion to the experts kept."""
+  select = lambda cfg, state: keep_experts(cfg, state, expert_indices(cfg.names(), experts, opt_out))
+  return load_checkpoint(name, FlexOlmoConfig, FlexOlmo, dtype, progress, select)
 
 
 # ======================================= checkpoints as raw tensors =======================================
@@ -392,6 +433,42 @@ def row(t: Raw, i: int) -> Raw:
 
 
 
+# =============================================== attribution ===============================================
+
+def attribution(steps: Iterable[Step], names: list[str], stop_ids: Iterable[int] = ()) -> list[dict[str, float]]:
+  """Each expert's share of the router weight over the generated tokens, one {name: share} per prompt of the batch,
+  from the `Step`s of `olmoe.generate(..., with_routing=True)`; `names[e]` names router row e (`cfg.names()`).
+
+  A step's routing is that of the forward pass that computed its token (the prefill's last position for the first
+  token), so the shares say which experts produced the text. For row b, over its T generated tokens t (up to and
+  including its first stop id; generate pads a stopped row until the batch ends) and the L layers l:
+
+      share(e) = 1 / (L T) * sum_{l, t} sum_{s < k} g~_{l,t,s} [i_{l,t,s} = e],   g~_{l,t,s} = g_{l,t,s} / sum_s' g_{l,t,s'}
+
+  The weights are the top-k weights renormalised over the k slots, so that the shares sum to 1: without
+  renormalisation (OLMoE's and FlexOlmo's g = p) they sum to the probability the top k hold, and the mass of experts
+  that did not run, which never reaches the output, would depend on k. With k = E (the released FlexOlmo, the demo)
+  g already sums to 1 (up to the model dtype's rounding) and renormalising changes nothing."""
+  stop, total, done = set(stop_ids), None, None
+  for step in steps:
+    if step.weights is None or step.experts is None:
+      raise OlmoeError("attribution needs the routing: generate(..., with_routing=True)")
+    if total is None: total, done = np.zeros((len(step.tokens), len(names))), np.zeros(len(step.tokens), bool)
+    g = step.weights / step.weights.sum(-1, keepdims=True)                    # (L, B, k) renormalised over the slots
+    for b in np.flatnonzero(~done): np.add.at(total[b], step.experts[:, b].ravel(), g[:, b].ravel())
+    done |= np.array([t in stop for t in step.tokens])
+  if total is None: return []
+  # each (token, layer) adds weights summing to 1, so dividing by the row's sum is dividing by L T
+  return [dict(zip(names, (row / row.sum()).tolist())) for row in total]
+
+def format_shares(shares: dict[str, float]) -> str:
+  """`public 61%, math 30%, code 9%`: largest first, whole percents that sum to 100 (largest remainder rounding)."""
+  order = sorted(shares, key=lambda n: -shares[n])                          # stable: ties keep the router-row order
+  pct = {n: int(shares[n] * 100) for n in order}
+  for n in sorted(order, key=lambda n: -(shares[n] * 100 - pct[n]))[:100 - sum(pct.values())]: pct[n] += 1
+  return ", ".join(f"{n} {pct[n]}%" for n in order)
+
+
 # ============================================== command line ==============================================
 
 DEMO_MODEL = Path(__file__).resolve().parent / "models" / "flexolmo-demo"
@@ -440,14 +517,23 @@ def main(argv=None) -> int:
     group = ap.add_mutually_exclusive_group()
     group.add_argument("--experts", help="comma-separated experts to enable (names or indices); default: all")
     group.add_argument("--opt-out", help="comma-separated experts to exclude")
+    ap.add_argument("--attribution", action="store_true",
+                    help="after the text, each expert's share of the router weight over the generated tokens")
     a = ap.parse_args(argv)
     def run():
       if a.model is None: a.model = olmoe_cli.default_model(DEMO_MODEL, REAL_MODEL)
       olmoe_cli.check_request(a)
+      if a.attribution and "on_step" not in inspect.signature(olmoe_cli.run_cli).parameters:
+        raise OlmoeError("--attribution needs olmoe_cli.run_cli's on_step hook, which this checkout lacks")
       dtype = olmoe_cli.prepare_compiler()                               # before the first kernel is compiled
       split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None
       model, tok = load(a.model, split(a.experts), split(a.opt_out), dtype, progress=sys.stderr.isatty())
-      olmoe_cli.run_cli(a, model, tok, model.cfg.names())
+      steps: list[Step] = []
+      olmoe_cli.run_cli(a, model, tok, model.cfg.names(), **({"on_step": steps.append} if a.attribution else {}))
+      if a.attribution:
+        shares = attribution(steps, model.cfg.names(), model.cfg.eos_ids)
+        for b, s in enumerate(shares):
+          print(f"attribution{f' (prompt {b + 1})' if len(shares) > 1 else ''}: {format_shares(s)}", file=sys.stderr)
   return olmoe_cli.exit_code(run)
 
 if __name__ == "__main__":

@@ -93,6 +93,8 @@ class Stored(NamedTuple):
   shape: tuple[int, ...]
   dtype: DType
   read_into: Callable[[np.ndarray], None]
+  path: Path | None = None                       # the file and byte offset of a tensor read from one (for take_rows)
+  offset: int = 0
 
 def _np_dtype(dtype: DType) -> type: return np.float32 if dtype == dtypes.float32 else np.uint16
 
@@ -114,8 +116,8 @@ def read_state_dict(folder: Path) -> dict[str, Stored]:
       if key == "__metadata__": continue
       if key.endswith("rotary_emb.inv_freq"): continue                    # a buffer some old files carry
       if v["dtype"] not in SAFETENSORS_DTYPES: raise OlmoeError(f"{path}: tensor {key} has unsupported dtype {v['dtype']}")
-      read_into = _file_reader(path, start + v["data_offsets"][0])
-      state[key] = Stored(tuple(v["shape"]), SAFETENSORS_DTYPES[v["dtype"]], read_into)
+      offset = start + v["data_offsets"][0]
+      state[key] = Stored(tuple(v["shape"]), SAFETENSORS_DTYPES[v["dtype"]], _file_reader(path, offset), path, offset)
   return state
 
 def _stack(parts: list[Stored], axis: int = 0, new_axis: bool = True) -> Stored:
@@ -130,6 +132,13 @@ def _stack(parts: list[Stored], axis: int = 0, new_axis: bool = True) -> Stored:
     for p, at in zip(parts, np.cumsum([0] + sizes)):
       p.read_into(out[(slice(None),) * axis + ((at,) if new_axis else (slice(at, at + p.shape[axis]),))])
   return Stored(shape, parts[0].dtype, read_into)
+
+def take_rows(t: Stored, rows: list[int]) -> Stored:
+  """Rows `rows` (along the first axis) of a tensor stored in a file, each read from its own bytes only: the rest of
+  the tensor is never read (FlexOlmo loads only the experts it keeps, and their router rows)."""
+  if t.path is None: raise ValueError("take_rows needs a tensor read from a file")
+  n = math.prod(t.shape[1:]) * t.dtype.itemsize                            # bytes per row (C order)
+  return _stack([Stored(t.shape[1:], t.dtype, _file_reader(t.path, t.offset + r * n), t.path, t.offset + r * n) for r in rows])
 
 EXPERT_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
 
@@ -225,11 +234,15 @@ def read_config(folder: Path) -> dict:
   return config
 
 def load_checkpoint(name: str, config_cls: type, model_cls: type, dtype: DType | str | None = None,
-                    progress: bool = True) -> tuple[Olmoe, Tokenizer | None]:
+                    progress: bool = True, select: Callable[[OlmoeConfig, dict[str, Stored]],
+                                                            tuple[OlmoeConfig, dict[str, Stored]]] | None = None
+                    ) -> tuple[Olmoe, Tokenizer | None]:
   """(model, tokenizer) from a folder holding config.json, safetensors (sharded or not) and tokenizer.json: the
   config read by `config_cls.from_dict`, the model built by `model_cls(cfg)`, its weights read from the files.
 
-  Weights keep their stored dtype unless `dtype` is given ("float32" to compare with an fp32 reference)."""
+  Weights keep their stored dtype unless `dtype` is given ("float32" to compare with an fp32 reference).
+  `select(cfg, state)`, given, returns the config and the not-yet-read tensors of a smaller model (FlexOlmo: only the
+  kept experts), before the memory check and before anything is read."""
   from olmoe_tokenizer import Tokenizer
   folder = resolve_model_dir(name)
   cfg = config_cls.from_dict(read_config(folder))
@@ -237,6 +250,7 @@ def load_checkpoint(name: str, config_cls: type, model_cls: type, dtype: DType |
   if tok is not None and tok.vocab_size > cfg.vocab_size:
     raise OlmoeError(f"{folder}: tokenizer.json has ids up to {tok.vocab_size - 1}, config.json's vocab_size is {cfg.vocab_size}")
   state = read_state_dict(folder)
+  if select is not None: cfg, state = select(cfg, state)
   dtype = getattr(dtypes, dtype) if isinstance(dtype, str) else dtype
   check_memory(state, dtype, folder)
   model = model_cls(cfg)

@@ -188,6 +188,26 @@ def test_masking_equals_deleting():
   assert (env["i_mask"].numpy() != env["out"]).all()
   assert env["takes"].any()                                         # zeroing instead leaves it in the top-k
 
+def test_kept_experts_and_attribution_snippet():
+  """The snippet's kept model has the full model's parameters minus one expert FFN and one router row per layer
+  (counted by hand), the masked full model's logits, and shares that a plain loop over its routing gives."""
+  out, env = run("snippets/flexolmo_kept.py")
+  kept, cfg = env["kept"], env["full"].cfg
+  assert kept.cfg.names() == ["public", "math"]
+  D, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+  assert env["size"](env["full"]) - env["size"](kept) == L * (3 * D * I + D)
+  assert "max |logits kept - logits masked| = 0.0" in out
+  acc, n = dict.fromkeys(kept.cfg.names(), 0.0), 0
+  for step in env["steps"]:
+    for l in range(L):
+      w = step.weights[l, 0] / step.weights[l, 0].sum()
+      for e, x in zip(step.experts[l, 0], w): acc[kept.cfg.names()[e]] += x
+      n += 1
+    if step.tokens[0] in kept.cfg.eos_ids: break
+  assert env["shares"] == pytest.approx({k: v / n for k, v in acc.items()})
+  printed = dict((k, int(v)) for k, v in re.findall(r"(\w+) (\d+)%", out.splitlines()[-1]))
+  assert sum(printed.values()) == 100 and all(abs(printed[k] - 100 * v / n) < 1 for k, v in acc.items())
+
 def test_analysis_definitions_by_hand():
   _, env = run("snippets/analyses_toy.py")
   np.testing.assert_allclose(env["load"], [4 / 6, 3 / 6, 3 / 6, 2 / 6])

@@ -91,20 +91,128 @@ def delete_experts(src: Path, dst: Path, gone: list[int]) -> Path:
 
 @pytest.mark.parametrize("gone", [[2], [0, 4], [1, 3, 5]])
 def test_opting_out_equals_deleting_the_experts(gone, tmp_path):
+  """Both ways of opting out, loading only the kept experts (`load`) and masking them in the full model
+  (`select_experts`), against transformers on a checkpoint with the experts physically deleted."""
   path = save_flex(tmp_path / "full", seed=5, **CONFIGS["topk_below_E"])
-  model, _ = flexolmo.load(str(path), opt_out=[str(e) for e in gone], progress=False)
-  assert model.top_k == min(3, 6 - len(gone))                                    # k capped at the enabled experts
-  ids = ids_for(2)
-  assert max_diff(model, delete_experts(path, tmp_path / "cut", gone), ids) <= 1e-4
-  _, routing = model(Tensor(ids.numpy()), return_routing=True)
-  assert not np.isin(np.concatenate([i.numpy() for i in routing.experts]), gone).any()   # never routed to
+  cut, ids = delete_experts(path, tmp_path / "cut", gone), ids_for(2)
+  kept, _ = flexolmo.load(str(path), opt_out=[str(e) for e in gone], progress=False)
+  masked, _ = flexolmo.load(str(path), progress=False)
+  masked.select_experts(opt_out=gone)
+  for model in (kept, masked):
+    assert model.top_k == min(3, 6 - len(gone))                                  # k capped at the enabled experts
+    assert max_diff(model, cut, ids) <= 1e-4
+    _, routing = model(Tensor(ids.numpy()), return_routing=True)
+    rows = np.array([int(n) for n in model.cfg.names()])                         # router row -> original expert
+    assert not np.isin(rows[np.concatenate([i.numpy() for i in routing.experts])], gone).any()   # never routed to
+  assert kept.cfg.names() == [str(e) for e in range(6) if e not in gone] and kept.cfg.num_experts == 6 - len(gone)
+
+
+def fuse_experts(src: Path, dst: Path) -> Path:
+  """The checkpoint with each layer's experts stored fused, as transformers 5 holds them: gate_up_proj (E, 2I, D)
+  and down_proj (E, D, I)."""
+  sd, cfg = load_file(str(src / "model.safetensors")), json.loads((src / "config.json").read_text())
+  out = {k: v for k, v in sd.items() if ".experts." not in k}
+  for l in range(cfg["num_hidden_layers"]):
+    w = lambda e, p: sd[f"model.layers.{l}.mlp.experts.{e}.{p}.weight"]
+    out[f"model.layers.{l}.mlp.experts.gate_up_proj"] = np.stack([np.concatenate([w(e, "gate_proj"), w(e, "up_proj")])
+                                                                   for e in range(cfg["num_experts"])])
+    out[f"model.layers.{l}.mlp.experts.down_proj"] = np.stack([w(e, "down_proj") for e in range(cfg["num_experts"])])
+  shutil.copytree(src, dst)
+  save_file(out, str(dst / "model.safetensors"))
+  return dst
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_loading_only_the_kept_experts_equals_masking(layout, tmp_path, monkeypatch):
+  """`load(experts=...)` gives bit for bit the logits and routing of the full model with the other experts masked,
+  keeps the original names, and reads from the files exactly the bytes of the shared tensors, of the kept experts
+  and of their router rows (the byte count from the safetensors header, by hand)."""
+  import olmoe_checkpoint
+  path = save_flex(tmp_path / "full", seed=12, num_experts=5, num_experts_per_tok=3)
+  cfg = json.loads((path / "config.json").read_text())
+  names = ["public", "math", "news", "code", "poetry"]
+  (path / "config.json").write_text(json.dumps({**cfg, "expert_names": names}))
+  if layout == "fused": path = fuse_experts(path, tmp_path / "fused")
+  full, _ = flexolmo.load(str(path), progress=False)
+  read = []
+  def counting(path, offset):
+    inner = reader(path, offset)
+    return lambda out: read.append(out.nbytes) or inner(out)
+  reader = olmoe_checkpoint._file_reader
+  monkeypatch.setattr(olmoe_checkpoint, "_file_reader", counting)
+  blob = (path / "model.safetensors").read_bytes()
+  header = json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")])         # the safetensors layout, read by hand
+  size = lambda k: (lambda o: o[1] - o[0])(header[k]["data_offsets"])
+  ids = Tensor(ids_for(7).numpy())
+  for experts, opt_out, keep in [([0, "code"], None, [0, 3]), (["4", "news", 1], None, [1, 2, 4]), (None, ["math"], [0, 2, 3, 4]),
+                                 ("poetry", None, [4])]:
+    read.clear()
+    model, _ = flexolmo.load(str(path), experts, opt_out, progress=False)
+    per_expert = sum(size(k) for k in header if ".experts.0." in k or k.endswith("experts.gate_up_proj")
+                     or k.endswith("experts.down_proj")) // (1 if layout == "per_expert" else 5)
+    gates = [k for k in header if k.endswith("mlp.gate.weight")]
+    shared = sum(size(k) for k in header if ".experts." not in k and k not in gates and k != "__metadata__")
+    assert sum(read) == shared + len(keep) * per_expert + sum(size(k) for k in gates) * len(keep) // 5
+    assert model.cfg.names() == [names[e] for e in keep] and model.cfg.num_experts == len(keep)
+    assert full.select_experts(experts, opt_out) == model.cfg.names() and model.top_k == full.top_k == min(3, len(keep))
+    (a, ra), (b, rb) = full(ids, return_routing=True), model(ids, return_routing=True)
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for ga, ia, gb, ib in zip(ra.weights, ra.experts, rb.weights, rb.experts):
+      np.testing.assert_array_equal(ga.numpy(), gb.numpy())
+      np.testing.assert_array_equal(ia.numpy(), np.array(keep)[ib.numpy()])    # the same experts, renumbered
+  with pytest.raises(flexolmo.OlmoeError, match=r"unknown experts 'poetry!', 5 \(this model has: public, math"):
+    flexolmo.load(str(path), experts=["poetry!", 5, "math"], progress=False)
+  with pytest.raises(flexolmo.OlmoeError, match="unknown expert -1"): flexolmo.load(str(path), opt_out=[-1], progress=False)
+
+
+def test_attribution_by_hand():
+  """Two layers, k = 2, a batch of two where the second prompt stops at its first token: the shares worked out by
+  hand from the renormalised weights."""
+  Step = flexolmo.Step
+  steps = [Step([7, 0], weights=np.array([[[.6, .2], [.5, .5]], [[.3, .3], [.9, .1]]]),
+                experts=np.array([[[0, 1], [2, 0]], [[1, 2], [0, 1]]])),
+           Step([8, 1], weights=np.array([[[.4, .4], [.7, .3]], [[.2, .6], [.7, .3]]]),   # row 1 stopped: padding
+                experts=np.array([[[2, 0], [1, 2]], [[0, 1], [1, 2]]]))]
+  # row 0: step 0 gives e0 .75, e1 .25 (layer 0) and e1 .5, e2 .5 (layer 1); step 1 gives e2 .5, e0 .5 and e0 .25,
+  # e1 .75; over L T = 4: e0 1.5/4, e1 1.5/4, e2 1/4. Row 1, its stop token only: e2 .5, e0 .5, e0 .9, e1 .1 over 2.
+  shares = flexolmo.attribution(steps, ["public", "math", "code"], stop_ids=[0])
+  assert shares[0] == pytest.approx({"public": .375, "math": .375, "code": .25})
+  assert shares[1] == pytest.approx({"public": .7, "math": .05, "code": .25})
+  assert flexolmo.format_shares(shares[1]) == "public 70%, code 25%, math 5%"
+  assert flexolmo.format_shares({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}) == "a 34%, b 33%, c 33%"    # sums to 100
+  with pytest.raises(flexolmo.OlmoeError, match="with_routing=True"): flexolmo.attribution([Step([1])], ["a"])
+
+
+def test_attribution_of_a_generation_against_numpy(tmp_path):
+  """The shares of a batch generated by a model holding 3 of 5 experts (named by their original names), against a
+  plain numpy loop over the routing weights that generate yielded, the rows stopping at their own EOS."""
+  path = save_flex(tmp_path, seed=13, num_experts=5, num_experts_per_tok=2)
+  model, _ = flexolmo.load(str(path), experts=[4, 1, 2], progress=False)
+  steps = list(flexolmo.olmoe.generate(model, [[9, 55, 201], [7, 300, 12, 40, 41]], 12, stop_ids=(), with_routing=True))
+  stop = steps[4].tokens[1]                                                      # the second row stops by step 4
+  got = flexolmo.attribution(steps, model.cfg.names(), stop_ids=[stop])
+  assert [list(g) for g in got] == [["1", "2", "4"]] * 2
+  for b in range(2):
+    acc, n = np.zeros(5), 0
+    for step in steps:
+      for l in range(step.weights.shape[0]):
+        w = step.weights[l, b].astype(np.float64)
+        for e, x in zip(step.experts[l, b], w / w.sum()): acc[[1, 2, 4][e]] += x
+        n += 1
+      if step.tokens[b] == stop: break
+    assert b == 0 or n <= 5 * 2
+    np.testing.assert_allclose([got[b][str(e)] for e in (1, 2, 4)], acc[[1, 2, 4]] / n, rtol=1e-6)
+    assert sum(got[b].values()) == pytest.approx(1)
 
 
 def test_expert_names_select_experts(tmp_path):
   path = save_flex(tmp_path, seed=6, num_experts=3, num_experts_per_tok=2)
   cfg = json.loads((path / "config.json").read_text())
   (path / "config.json").write_text(json.dumps({**cfg, "expert_names": ["public", "math", "code"]}))
-  model, _ = flexolmo.load(str(path), experts=["public", "code"], progress=False)
+  kept, _ = flexolmo.load(str(path), experts=["public", "code"], progress=False)
+  assert kept.cfg.names() == ["public", "code"] and kept.expert_mask is None and kept.top_k == 2
+  model, _ = flexolmo.load(str(path), progress=False)
+  assert model.select_experts(["public", "code"]) == ["public", "code"]
   assert model.expert_mask.numpy().tolist() == [True, False, True] and model.top_k == 2
   assert model.select_experts(opt_out=["math", "code"]) == ["public"] and model.top_k == 1
   assert model.select_experts(["2", "math"]) == ["math", "code"]                 # indices work as names too
@@ -325,3 +433,25 @@ def test_cli_expert_selection_and_bad_input(recipe):
                              "--name", "public"), "public expert")
   assert_clean_error(run_cli("train-expert", "--public", public, "--data", root / "code.txt", "--out", root / "prose"), "exists")
   assert not (root / "x").exists()
+
+
+def test_cli_attribution_on_the_demo():
+  """`--attribution` prints, after the text, one line per prompt whose whole percents are the API's shares (from the
+  routing `generate` yields for the same greedy run) rounded, summing to 100; the names are the kept experts'."""
+  import inspect, olmoe_cli
+  prompts, experts = ["def add(a, b):", "12 + 30 ="], ["public", "math"]
+  r = run_cli("--model", flexolmo.DEMO_MODEL, *(a for p in prompts for a in ("--prompt", p)), "--max-new-tokens", "6",
+              "--experts", ",".join(experts), "--attribution")
+  if "on_step" not in inspect.signature(olmoe_cli.run_cli).parameters:
+    assert_clean_error(r, "--attribution", "on_step")
+    pytest.skip("needs run_cli on_step")
+  assert r.returncode == 0, r.stderr
+  printed = [dict((n, int(p)) for n, p in re.findall(r"(\w+) (\d+)%", line.split(": ", 1)[1]))
+             for line in r.stderr.splitlines() if line.startswith("attribution")]
+  model, tok = flexolmo.load(str(flexolmo.DEMO_MODEL), experts, dtype=olmoe_cli.prepare_compiler(), progress=False)
+  steps = list(flexolmo.olmoe.generate(model, [tok.encode(p) for p in prompts], 6, with_routing=True))
+  shares = flexolmo.attribution(steps, model.cfg.names(), model.cfg.eos_ids)
+  assert len(printed) == len(shares) == 2
+  for pct, share in zip(printed, shares):
+    assert sorted(pct) == sorted(share) == sorted(experts) and sum(pct.values()) == 100
+    assert all(abs(pct[n] - 100 * share[n]) < 1 for n in experts), (pct, share)
