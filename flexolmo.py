@@ -21,7 +21,7 @@ for it), router re-training on proxy data ("RT"), and the paper's external embed
 public model's own mean final hidden state stands in for it).
 """
 from __future__ import annotations
-import argparse, inspect, json, os, re, shutil, sys
+import argparse, json, os, re, shutil, sys
 from dataclasses import dataclass, replace
 from typing import Iterable
 from pathlib import Path
@@ -523,8 +523,6 @@ def main(argv=None) -> int:
     def run():
       if a.model is None: a.model = olmoe_cli.default_model(DEMO_MODEL, REAL_MODEL)
       olmoe_cli.check_request(a)
-      if a.attribution and "on_step" not in inspect.signature(olmoe_cli.run_cli).parameters:
-        raise OlmoeError("--attribution needs olmoe_cli.run_cli's on_step hook, which this checkout lacks")
       dtype = olmoe_cli.prepare_compiler()                               # before the first kernel is compiled
       split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None
       model, tok = load(a.model, split(a.experts), split(a.opt_out), dtype, progress=sys.stderr.isatty())

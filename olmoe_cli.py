@@ -13,7 +13,10 @@ from olmoe_tokenizer import TextStream
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(prog=prog, description="Generate text with a mixture-of-experts language model.")
-  ap.add_argument("--prompt", required=True, action="append", help="text to continue (repeat for a batch)")
+  ap.add_argument("--prompt", action="append", help="text to continue (repeat for a batch); with --chat, the user's "
+                  "turn (repeat for several turns; none: read turns from stdin)")
+  ap.add_argument("--chat", action="store_true", help="talk with a chat model through its chat template (Ctrl-D ends)")
+  ap.add_argument("--system", default=None, help="with --chat: a system message that opens the conversation")
   ap.add_argument("--model", default=None, help="folder with config.json + safetensors + tokenizer.json, or a hub repo id")
   ap.add_argument("--max-new-tokens", type=int, default=64)
   ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -26,7 +29,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def check_request(args) -> None:
   """Reject impossible requests before spending time on loading a model."""
   if args.max_new_tokens <= 0: raise OlmoeError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-  if any(not p for p in args.prompt): raise OlmoeError("empty prompt")
+  if not args.prompt and not args.chat: raise OlmoeError("--prompt TEXT is required (or --chat to talk)")
+  if args.system is not None and not args.chat: raise OlmoeError("--system needs --chat")
+  if any(not p for p in args.prompt or []): raise OlmoeError("empty prompt")
   if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
     raise OlmoeError("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
 
@@ -64,22 +69,58 @@ def show_routing(step: Step, names: list[str] | None = None, row: int = 0) -> st
   return "\n".join(f"  L{l:<3}" + " | ".join(f"{name(int(e))} {w:.2f}".replace(" 0.", " .") for e, w in
                                              zip(step.experts[l, row], step.weights[l, row])) for l in range(step.experts.shape[0]))
 
-def run_cli(args, model, tok, expert_names: list[str] | None = None) -> None:
-  """Encode the prompts and stream the first one's continuation; other prompts of a batch print at the end."""
+def run_cli(args, model, tok, expert_names: list[str] | None = None, on_step: Callable[[Step], None] | None = None) -> None:
+  """Encode the prompts and stream the first one's continuation; other prompts of a batch print at the end.
+  `on_step` (e.g. FlexOlmo's attribution) sees every generated step, with its routing."""
   check_request(args)
   if tok is None: raise OlmoeError("the model folder has no tokenizer.json")
+  if args.chat: return run_chat(args, model, tok, expert_names, on_step)
   prompts = [tok.encode(p) for p in args.prompt]
   streams, texts, done = [TextStream(tok) for _ in prompts], ["" for _ in prompts], [False for _ in prompts]
   print(args.prompt[0], end="", flush=True)
   try:
     with stop_between_tokens() as stop:
       for step in generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                           with_routing=args.show_routing):
+                           with_routing=args.show_routing or on_step is not None):
         emit(args, model, step, streams, texts, done, expert_names)
+        if on_step is not None: on_step(step)
         if stop.is_set(): raise KeyboardInterrupt
   finally:                                   # also on Ctrl-C: every prompt's text so far
     print(streams[0].flush(), flush=True)
     for p, t, s in list(zip(args.prompt, texts, streams))[1:]: print(f"--- {p}{t}{s.flush()}", flush=True)
+
+def run_chat(args, model, tok, expert_names: list[str] | None = None, on_step: Callable[[Step], None] | None = None) -> None:
+  """A conversation: each user turn (the --prompt values in order, else lines read from stdin until Ctrl-D) is
+  rendered with the chat template together with the turns before it, and the reply streams until the template's
+  end-of-turn token. The KV cache keeps the earlier turns, so a turn costs its own length, not the conversation's."""
+  messages = [{"role": "system", "content": args.system}] if args.system else []
+  tok.apply_chat_template(messages + [{"role": "user", "content": "hi"}])    # no template: say so before reading
+  stop = set(model.cfg.eos_ids) | tok.end_of_turn_ids()
+  for text in args.prompt or user_turns():
+    messages.append({"role": "user", "content": text})
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+    stream, said = TextStream(tok), []
+    try:
+      with stop_between_tokens() as interrupted:
+        for step in generate(model, [ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                             stop_ids=tuple(stop), with_routing=args.show_routing or on_step is not None,
+                             reuse_cache=True):
+          if on_step is not None: on_step(step)
+          if step.tokens[0] in stop: break
+          said.append(step.tokens[0])
+          print(stream.push(step.tokens[0]), end="", flush=True)
+          if args.show_routing: print("\n" + show_routing(step, expert_names), flush=True)
+          if interrupted.is_set(): raise KeyboardInterrupt
+    finally: print(stream.flush(), flush=True)
+    messages.append({"role": "assistant", "content": tok.decode(said)})
+
+def user_turns():
+  """Lines from stdin, one user turn each (empty ones skipped), with a `> ` prompt when stdin is a terminal."""
+  while True:
+    if sys.stdin.isatty(): print("> ", end="", file=sys.stderr, flush=True)
+    line = sys.stdin.readline()
+    if not line: return                                   # Ctrl-D
+    if line.strip(): yield line.rstrip("\n")
 
 def emit(args, model, step: Step, streams, texts, done, expert_names) -> None:
   """Decode one step's tokens: the first prompt's text goes to stdout now, the others' is kept for the end."""

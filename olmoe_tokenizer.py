@@ -2,10 +2,11 @@
 
 OLMoE uses GPT-NeoX-20B's tokenizer (GPT-2 split regex, NFC normaliser); FlexOlmo and OLMo 2 use dolma2 (cl100k's
 split regex). Both are byte-level BPE files, which is all this module reads: `Tokenizer.from_file` says in one line
-what it cannot run. `TextStream` turns generated ids into text as they arrive.
+what it cannot run. `apply_chat_template` renders a conversation with the checkpoint's chat template (Jinja, set up
+as transformers sets it up). `TextStream` turns generated ids into text as they arrive.
 """
 from __future__ import annotations
-import codecs, json, unicodedata
+import codecs, functools, json, unicodedata
 from pathlib import Path
 import numpy as np
 import regex
@@ -72,14 +73,43 @@ class Tokenizer:
     if not tokens: return None
     return regex.compile("|".join(regex.escape(t) for t in sorted(tokens, key=len, reverse=True))), tokens
 
+  chat_template: str | None = None         # tokenizer_config.json's (or chat_template.jinja's) Jinja template
+  template_tokens: dict[str, str] = {}     # the special tokens' text the template sees: bos_token, eos_token, ...
+
   @classmethod
   def from_file(cls, path: str | Path) -> "Tokenizer":
+    """tokenizer.json at `path`, with the chat template and special tokens of tokenizer_config.json (or
+    chat_template.jinja) beside it when there is one."""
     try: spec = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
       raise OlmoeError(f"{path}: unreadable tokenizer.json ({e.__class__.__name__})") from None
-    try: return cls._from_spec(path, spec)
+    try: tok = cls._from_spec(path, spec)
     except (AttributeError, TypeError, KeyError, IndexError, ValueError) as e:   # a field of the wrong type or shape
       raise OlmoeError(f"{path}: malformed tokenizer.json ({e.__class__.__name__}: {str(e)[:100]})") from None
+    tok.chat_template, tok.template_tokens = read_chat_config(Path(path).parent)
+    return tok
+
+  def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = True,
+                          **template_vars) -> list[int] | str:
+    """The conversation `messages` ([{"role": "user", "content": "..."}, ...]) as the model was trained to read it:
+    the chat template rendered as transformers' apply_chat_template renders it, then encoded (the template writes
+    any BOS itself). With add_generation_prompt, it ends where the assistant's reply begins."""
+    if self.chat_template is None:
+      raise OlmoeError("this model has no chat template (tokenizer_config.json has no chat_template): it is not a chat "
+                       "model; continue text with --prompt instead")
+    text = render_chat(self.chat_template, messages, add_generation_prompt, {**self.template_tokens, **template_vars})
+    return self.encode(text) if tokenize else text
+
+  def end_of_turn_ids(self) -> set[int]:
+    """The token(s) the template writes right after an assistant message: where a reply ends (e.g. `<|im_end|>`,
+    or the EOS token in Tulu's template). Empty when there is no template or it writes no token there."""
+    if self.chat_template is None: return set()
+    mark = "\x00reply\x00"
+    try: text = render_chat(self.chat_template, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}],
+                            False, self.template_tokens)
+    except OlmoeError: return set()
+    ids = self.encode(text.split(mark, 1)[1].lstrip()) if mark in text else []
+    return {ids[0]} if ids and ids[0] in self.added.values() else set()
 
   @classmethod
   def _from_spec(cls, path: str | Path, spec: dict) -> "Tokenizer":
@@ -164,6 +194,68 @@ class Tokenizer:
   def special_tokens(self) -> dict[str, int]: return dict(self.special)
   @property
   def vocab_size(self) -> int: return max(self.id_to_bytes) + 1
+
+
+# ============================================== chat templates ==============================================
+
+SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+def read_chat_config(folder: Path) -> tuple[str | None, dict[str, str]]:
+  """(chat template or None, special tokens' text) from tokenizer_config.json and chat_template.jinja in `folder`.
+  A template may be a string or a list of named ones ("default" is used); the .jinja file wins, as in transformers."""
+  config, where = {}, folder / "tokenizer_config.json"
+  if where.exists():
+    try: config = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e: raise OlmoeError(f"{where}: unreadable ({e.__class__.__name__})") from None
+    if not isinstance(config, dict): raise OlmoeError(f"{where}: not a JSON object")
+  tokens = {}
+  for name in SPECIAL_NAMES:
+    value = config.get(name)
+    if isinstance(value, dict): value = value.get("content")           # an AddedToken written out
+    if value is not None and not isinstance(value, str): raise OlmoeError(f"{where}: {name} is not text")
+    if value is not None: tokens[name] = value
+  template = config.get("chat_template")
+  if isinstance(template, list):                                      # named templates
+    named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    template = named.get("default")
+  if template is not None and not isinstance(template, str): raise OlmoeError(f"{where}: chat_template is not text")
+  if (jinja := folder / "chat_template.jinja").exists():
+    try: template = jinja.read_text(encoding="utf-8")
+    except (OSError, ValueError) as e: raise OlmoeError(f"{jinja}: unreadable ({e.__class__.__name__})") from None
+  return template, tokens
+
+@functools.lru_cache(maxsize=8)
+def compile_template(template: str):
+  """The template compiled in a Jinja environment set up as transformers sets up its own (sandboxed, trim_blocks and
+  lstrip_blocks, loop controls, its tojson, raise_exception and strftime_now, `{% generation %}` blocks rendered as
+  their content), so that the same template gives the same text."""
+  import datetime, jinja2, jinja2.ext
+  from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+  class Generation(jinja2.ext.Extension):          # transformers marks the assistant's text with these blocks
+    tags = {"generation"}
+    def parse(self, parser):
+      lineno = next(parser.stream).lineno
+      body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+      return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+    def _body(self, caller): return caller()
+
+  def raise_exception(message): raise jinja2.exceptions.TemplateError(message)
+  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
+  env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+    x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+  env.globals["raise_exception"] = raise_exception
+  env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+  try: return env.from_string(template)
+  except jinja2.exceptions.TemplateError as e: raise OlmoeError(f"chat template: {e}") from None
+
+def render_chat(template: str, messages: list[dict], add_generation_prompt: bool, variables: dict) -> str:
+  """The template's text for `messages`; a message of the wrong form or a template error is one OlmoeError."""
+  import jinja2
+  if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+    raise OlmoeError("chat messages must be a list of {'role': ..., 'content': ...}")
+  try: return compile_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+  except jinja2.exceptions.TemplateError as e: raise OlmoeError(f"chat template: {e}") from None
 
 
 class TextStream:

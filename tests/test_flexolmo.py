@@ -438,13 +438,10 @@ def test_cli_expert_selection_and_bad_input(recipe):
 def test_cli_attribution_on_the_demo():
   """`--attribution` prints, after the text, one line per prompt whose whole percents are the API's shares (from the
   routing `generate` yields for the same greedy run) rounded, summing to 100; the names are the kept experts'."""
-  import inspect, olmoe_cli
+  import olmoe_cli
   prompts, experts = ["def add(a, b):", "12 + 30 ="], ["public", "math"]
   r = run_cli("--model", flexolmo.DEMO_MODEL, *(a for p in prompts for a in ("--prompt", p)), "--max-new-tokens", "6",
               "--experts", ",".join(experts), "--attribution")
-  if "on_step" not in inspect.signature(olmoe_cli.run_cli).parameters:
-    assert_clean_error(r, "--attribution", "on_step")
-    pytest.skip("needs run_cli on_step")
   assert r.returncode == 0, r.stderr
   printed = [dict((n, int(p)) for n, p in re.findall(r"(\w+) (\d+)%", line.split(": ", 1)[1]))
              for line in r.stderr.splitlines() if line.startswith("attribution")]
