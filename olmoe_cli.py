@@ -4,7 +4,7 @@ Bad input (an impossible request, a missing or malformed model folder) ends in o
 checked before any model is loaded where it can be.
 """
 from __future__ import annotations
-import argparse, atexit, contextlib, os, signal, sys, threading
+import argparse, atexit, contextlib, json, os, signal, sys, threading
 from pathlib import Path
 from typing import Callable
 from olmoe import OlmoeError, Step, generate
@@ -18,22 +18,62 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
   ap.add_argument("--chat", action="store_true", help="talk with a chat model through its chat template (Ctrl-D ends)")
   ap.add_argument("--system", default=None, help="with --chat: a system message that opens the conversation")
   ap.add_argument("--model", default=None, help="folder with config.json + safetensors + tokenizer.json, or a hub repo id")
-  ap.add_argument("--max-new-tokens", type=int, default=64)
-  ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-  ap.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-  ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+  # sampling: a flag given wins, then the model folder's generation_config.json, then greedy with 64 new tokens
+  ap.add_argument("--max-new-tokens", type=int, default=None, help="(default: generation_config.json's, else 64)")
+  ap.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: generation_config.json's)")
+  ap.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0 = all)")
+  ap.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
   ap.add_argument("--seed", type=int, default=None)
   ap.add_argument("--show-routing", action="store_true", help="print each generated token's experts per layer")
   return ap
 
 def check_request(args) -> None:
-  """Reject impossible requests before spending time on loading a model."""
-  if args.max_new_tokens <= 0: raise OlmoeError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+  """Reject impossible requests before spending time on loading a model (options not given are checked once
+  generation_config.json has filled them)."""
+  if args.max_new_tokens is not None and args.max_new_tokens <= 0:
+    raise OlmoeError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
   if not args.prompt and not args.chat: raise OlmoeError("--prompt TEXT is required (or --chat to talk)")
   if args.system is not None and not args.chat: raise OlmoeError("--system needs --chat")
   if any(not p for p in args.prompt or []): raise OlmoeError("empty prompt")
-  if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+  if (args.temperature or 0) < 0 or (args.top_k or 0) < 0 or not 0 < (1 if args.top_p is None else args.top_p) <= 1:
     raise OlmoeError("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+
+def generation_config(folder: Path) -> dict:
+  """The sampling defaults of a model folder's generation_config.json, as transformers reads them: greedy unless
+  do_sample is true, and then temperature 1, top_k 50 and top_p 1 unless given; max_new_tokens; extra EOS ids; and
+  `seed`, this project's own key (transformers ignores it), so that a bundled demo samples the same text every time.
+  {} when there is no file; a value of the wrong type or range is one OlmoeError naming the file and the key."""
+  path = folder / "generation_config.json"
+  if not path.exists(): return {}
+  try: spec = json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, ValueError) as e: raise OlmoeError(f"{path}: unreadable ({e.__class__.__name__})") from None
+  if not isinstance(spec, dict): raise OlmoeError(f"{path}: not a JSON object")
+  def get(key, kind, ok, default):
+    v = spec.get(key)
+    if v is None: return default
+    if not isinstance(v, kind) or isinstance(v, bool) != (kind is bool) or not ok(v):
+      raise OlmoeError(f"{path}: {key} = {v!r} is not a valid value")
+    return v
+  out = {"seed": get("seed", int, lambda v: v >= 0, None), "eos_ids": ()}
+  if (n := get("max_new_tokens", int, lambda v: v > 0, None)) is not None: out["max_new_tokens"] = n
+  eos = spec.get("eos_token_id")
+  eos = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else eos
+  if eos is not None:
+    if not isinstance(eos, list) or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eos):
+      raise OlmoeError(f"{path}: eos_token_id = {spec.get('eos_token_id')!r} is not a valid value")
+    out["eos_ids"] = tuple(eos)
+  if get("do_sample", bool, lambda v: True, False):
+    out.update(temperature=get("temperature", (int, float), lambda v: v >= 0, 1.0),
+               top_k=get("top_k", int, lambda v: v >= 0, 50), top_p=get("top_p", (int, float), lambda v: 0 < v <= 1, 1.0))
+  return out
+
+def sampling(args, folder: Path | None) -> dict:
+  """The options generation runs with: flags given, then generation_config.json's, then greedy and 64 tokens."""
+  defaults = {"max_new_tokens": 64, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": None, "eos_ids": ()}
+  defaults.update(generation_config(folder) if folder is not None else {})
+  out = {k: getattr(args, k, None) if getattr(args, k, None) is not None else v for k, v in defaults.items()}
+  check_request(argparse.Namespace(**{**vars(args), **out}))
+  return out
 
 def prepare_compiler() -> str | None:
   """Before anything is compiled: point tinygrad at a CPU target clang can finish (olmoe_compiler.py); then, on the
@@ -74,36 +114,38 @@ def run_cli(args, model, tok, expert_names: list[str] | None = None, on_step: Ca
   `on_step` (e.g. FlexOlmo's attribution) sees every generated step, with its routing."""
   check_request(args)
   if tok is None: raise OlmoeError("the model folder has no tokenizer.json")
-  if args.chat: return run_chat(args, model, tok, expert_names, on_step)
+  from olmoe_checkpoint import resolve_model_dir
+  opts = sampling(args, resolve_model_dir(args.model) if args.model else None)
+  stop = set(model.cfg.eos_ids) | set(opts.pop("eos_ids"))
+  if args.chat: return run_chat(args, model, tok, opts, stop, expert_names, on_step)
   prompts = [tok.encode(p) for p in args.prompt]
   streams, texts, done = [TextStream(tok) for _ in prompts], ["" for _ in prompts], [False for _ in prompts]
   print(args.prompt[0], end="", flush=True)
   try:
-    with stop_between_tokens() as stop:
-      for step in generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                           with_routing=args.show_routing or on_step is not None):
-        emit(args, model, step, streams, texts, done, expert_names)
+    with stop_between_tokens() as interrupted:
+      for step in generate(model, prompts, **opts, stop_ids=tuple(stop), with_routing=args.show_routing or on_step is not None):
+        emit(args, stop, step, streams, texts, done, expert_names)
         if on_step is not None: on_step(step)
-        if stop.is_set(): raise KeyboardInterrupt
+        if interrupted.is_set(): raise KeyboardInterrupt
   finally:                                   # also on Ctrl-C: every prompt's text so far
     print(streams[0].flush(), flush=True)
     for p, t, s in list(zip(args.prompt, texts, streams))[1:]: print(f"--- {p}{t}{s.flush()}", flush=True)
 
-def run_chat(args, model, tok, expert_names: list[str] | None = None, on_step: Callable[[Step], None] | None = None) -> None:
+def run_chat(args, model, tok, opts: dict, stop: set[int], expert_names: list[str] | None = None,
+             on_step: Callable[[Step], None] | None = None) -> None:
   """A conversation: each user turn (the --prompt values in order, else lines read from stdin until Ctrl-D) is
   rendered with the chat template together with the turns before it, and the reply streams until the template's
   end-of-turn token. The KV cache keeps the earlier turns, so a turn costs its own length, not the conversation's."""
   messages = [{"role": "system", "content": args.system}] if args.system else []
   tok.apply_chat_template(messages + [{"role": "user", "content": "hi"}])    # no template: say so before reading
-  stop = set(model.cfg.eos_ids) | tok.end_of_turn_ids()
+  stop = stop | tok.end_of_turn_ids()
   for text in args.prompt or user_turns():
     messages.append({"role": "user", "content": text})
     ids = tok.apply_chat_template(messages, add_generation_prompt=True)
     stream, said = TextStream(tok), []
     try:
       with stop_between_tokens() as interrupted:
-        for step in generate(model, [ids], args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                             stop_ids=tuple(stop), with_routing=args.show_routing or on_step is not None,
+        for step in generate(model, [ids], **opts, stop_ids=tuple(stop), with_routing=args.show_routing or on_step is not None,
                              reuse_cache=True):
           if on_step is not None: on_step(step)
           if step.tokens[0] in stop: break
@@ -122,10 +164,10 @@ def user_turns():
     if not line: return                                   # Ctrl-D
     if line.strip(): yield line.rstrip("\n")
 
-def emit(args, model, step: Step, streams, texts, done, expert_names) -> None:
+def emit(args, stop: set[int], step: Step, streams, texts, done, expert_names) -> None:
   """Decode one step's tokens: the first prompt's text goes to stdout now, the others' is kept for the end."""
   for b, t in enumerate(step.tokens):
-    if done[b] or t in model.cfg.eos_ids:
+    if done[b] or t in stop:
       done[b] = True
       continue
     piece = streams[b].push(t)

@@ -135,6 +135,8 @@ def main(argv=None) -> int:
   tmp = a.out.parent / f".{a.out.name}.partial"     # the bundled copy, with hashes of its files
   shutil.rmtree(tmp, ignore_errors=True)
   shutil.copytree(merged, tmp)
+  eos = json.loads((tmp / "config.json").read_text())["eos_token_id"]
+  (tmp / "generation_config.json").write_text(json.dumps(train.generation_config(eos), indent=2) + "\n")
   train.write_hashes(tmp)
   train.replace_folder(tmp, a.out)
   print(f"wrote {a.out} and demo/RESULTS.md in {meta['minutes']} min")

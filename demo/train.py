@@ -147,6 +147,12 @@ def hf_config(model: olmoe.Olmoe, arch: str) -> dict:
              output_router_logits=False, router_aux_loss_coef=c.router_aux_loss_coef)
   return d
 
+# the sampling a bundled demo's first command uses (generation_config.json; `seed` is this project's own key): greedy
+# decoding of a model this small repeats itself within a sentence
+GENERATION = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 50, "max_new_tokens": 64, "seed": 0}
+
+def generation_config(eos_token_id) -> dict: return {**GENERATION, "eos_token_id": eos_token_id}
+
 def sha256(path: Path) -> str: return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 def write_hashes(folder: Path) -> dict:
@@ -174,6 +180,7 @@ def save_model(model: olmoe.Olmoe, arch: str, folder: Path, tokenizer: Path, dty
   (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
   write_safetensors(tmp / "model.safetensors", {k: to_raw(a, dtype) for k, a in hf_tensors(model, arch).items()})
   shutil.copy(tokenizer, tmp / "tokenizer.json")
+  (tmp / "generation_config.json").write_text(json.dumps(generation_config(config["eos_token_id"]), indent=2) + "\n")
   for name, obj in (extra or {}).items(): (tmp / name).write_text(json.dumps(obj, separators=(",", ":")) + "\n")
   write_hashes(tmp)
   replace_folder(tmp, folder)

@@ -29,7 +29,7 @@ def test_a_clang_without_bf16_runs_the_bf16_demo_in_fp32(tmp_path):
   greedy text that the same weights in fp32 give here."""
   assert olmoe_compiler._compile(["-march=native"]) != "error"              # the usual compiler does bf16
   env = dict(CC="clang-14", XDG_CACHE_HOME=str(tmp_path / "xdg"), CACHEDB=str(tmp_path / "cache.db"), DEV="")
-  r = run_cli("--prompt", "The mixture of experts", "--max-new-tokens", "12", **env)
+  r = run_cli("--prompt", "The mixture of experts", "--max-new-tokens", "12", "--temperature", "0", **env)
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stderr.count("cannot compile bf16") == 1 and "Traceback" not in r.stderr
   model, tok = olmoe.load(str(DEMO), dtype="float32", progress=False)
@@ -60,7 +60,7 @@ def test_the_bf16_demo_on_a_cpu_without_bf16_instructions(tmp_path):
   """A laptop CPU without AVX512-BF16 (x86-64-v3: AVX2 and FMA): the bf16 demo compiles with no bf16 instruction and
   no compiler-runtime call, and prints the greedy text that the same weights give here in fp32."""
   env = dict(DEV="CPU:CLANG:x86_64,x86-64-v3", XDG_CACHE_HOME=str(tmp_path / "xdg"), CACHEDB=str(tmp_path / "cache.db"))
-  r = run_cli("--prompt", "The mixture of experts", "--max-new-tokens", "12", **env)
+  r = run_cli("--prompt", "The mixture of experts", "--max-new-tokens", "12", "--temperature", "0", **env)
   assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
   model, tok = olmoe.load(str(DEMO), dtype="float32", progress=False)
   ids = [s.tokens[0] for s in olmoe.generate(model, [tok.encode("The mixture of experts")], 12)]

@@ -188,3 +188,60 @@ def test_flexolmo_results_support_what_the_docs_say():
   assert gaps["learn"]["code"] < gaps["fixed"]["code"] and gaps["learn"]["prose"] < gaps["fixed"]["prose"]
   assert res["meta"]["router"] == "fixed" and ab["router fixed: merged (all experts)"] == merged
   assert (ROOT / "demo" / "RESULTS.md").read_text().count("|") > 20
+
+
+# --------------------------------------------- generation_config.json ---------------------------------------------
+
+GENERATION_CASES = [
+  {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 50, "max_new_tokens": 64, "seed": 0, "eos_token_id": 0},
+  {"do_sample": False, "temperature": 0.7, "eos_token_id": [0, 5]},        # greedy: the temperature is not used
+  {"do_sample": True, "top_p": 0.5},                                       # transformers' defaults for the rest
+  {"max_new_tokens": 9},
+]
+
+@pytest.mark.parametrize("spec", GENERATION_CASES)
+def test_generation_config_reads_as_transformers_reads_it(spec, tmp_path):
+  from transformers import GenerationConfig
+  import olmoe_cli
+  (tmp_path / "generation_config.json").write_text(json.dumps(spec))
+  ours, theirs = olmoe_cli.generation_config(tmp_path), GenerationConfig.from_pretrained(str(tmp_path))
+  if theirs.do_sample:                    # a value left unset is None here; generate() then uses these defaults
+    default = GenerationConfig._get_default_generation_params()
+    pick = lambda k: default[k] if getattr(theirs, k) is None else getattr(theirs, k)
+    assert (ours["temperature"], ours["top_k"], ours["top_p"]) == (pick("temperature"), pick("top_k"), pick("top_p"))
+  else: assert "temperature" not in ours                                 # greedy, as transformers decodes it
+  assert ours.get("max_new_tokens") == theirs.max_new_tokens
+  eos = theirs.eos_token_id
+  assert ours["eos_ids"] == (() if eos is None else tuple(eos) if isinstance(eos, list) else (eos,))
+
+
+def test_the_first_command_samples_with_the_bundled_settings_and_flags_override_them():
+  """No flags: the demo's generation_config.json (sampling, seed 0) decides, so two runs print the same sampled text,
+  the text generate() samples with those settings; --temperature 0 gives the greedy text."""
+  import olmoe, olmoe_cli
+  folder = MODELS / "olmoe-demo"
+  spec = json.loads((folder / "generation_config.json").read_text())
+  assert spec["do_sample"] and spec["seed"] == 0
+  model, tok = olmoe.load(str(folder), progress=False)
+  prompt = "The mixture of experts"
+  def api(**kw):
+    ids = [s.tokens[0] for s in olmoe.generate(model, [tok.encode(prompt)], **kw)]
+    return prompt + tok.decode(ids[:next((n for n, t in enumerate(ids) if t in model.cfg.eos_ids), len(ids))]) + "\n"
+  cli = lambda *a: subprocess.run([sys.executable, str(ROOT / "olmoe.py"), "--prompt", prompt, *a], capture_output=True,
+                                  text=True, cwd=ROOT, timeout=600).stdout
+  sampled = api(max_new_tokens=spec["max_new_tokens"], temperature=spec["temperature"], top_k=spec["top_k"],
+                top_p=spec["top_p"], seed=spec["seed"])
+  assert cli() == sampled != api(max_new_tokens=spec["max_new_tokens"])
+  assert cli("--temperature", "0", "--max-new-tokens", "10") == api(max_new_tokens=10)
+
+
+@pytest.mark.parametrize("bad", ['{"do_sample": true, "temperature": "hot"}', '{"top_p": 2, "do_sample": true}',
+                                 '{"eos_token_id": "0"}', '[1]', '{"seed": -1}', '{"max_new_tokens": 0}', '{'])
+def test_a_malformed_generation_config_is_one_line(bad, tmp_path):
+  import shutil
+  folder = shutil.copytree(MODELS / "olmoe-demo", tmp_path / "m")
+  (folder / "generation_config.json").write_text(bad)
+  r = subprocess.run([sys.executable, str(ROOT / "olmoe.py"), "--model", str(folder), "--prompt", "hi"],
+                     capture_output=True, text=True, cwd=ROOT, timeout=600)
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1 and "generation_config.json" in lines[0], r.stderr[-2000:]

@@ -441,7 +441,7 @@ def test_cli_attribution_on_the_demo():
   import olmoe_cli
   prompts, experts = ["def add(a, b):", "12 + 30 ="], ["public", "math"]
   r = run_cli("--model", flexolmo.DEMO_MODEL, *(a for p in prompts for a in ("--prompt", p)), "--max-new-tokens", "6",
-              "--experts", ",".join(experts), "--attribution")
+              "--temperature", "0", "--experts", ",".join(experts), "--attribution")
   assert r.returncode == 0, r.stderr
   printed = [dict((n, int(p)) for n, p in re.findall(r"(\w+) (\d+)%", line.split(": ", 1)[1]))
              for line in r.stderr.splitlines() if line.startswith("attribution")]
