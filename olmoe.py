@@ -650,7 +650,9 @@ def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.
   if temperature <= 0: return logits.argmax(-1)
   out = []
   for row in logits.astype(np.float64) / temperature:
-    order = np.argsort(-row, kind="stable")[:top_k or None]                      # candidate ids, most likely first
+    # candidate ids, most likely first (ties: lower id first); with top_k, only the k largest are sorted
+    cand = np.argpartition(-row, top_k - 1)[:top_k] if 0 < top_k < len(row) else np.arange(len(row))
+    order = cand[np.lexsort((cand, -row[cand]))]
     probs = np.exp(row[order] - row[order[0]]); probs /= probs.sum()
     keep = int(np.searchsorted(np.cumsum(probs), top_p) + 1) if top_p < 1.0 else len(probs)   # nucleus: >= top_p
     probs = probs[:keep] / probs[:keep].sum()
@@ -841,6 +843,10 @@ REAL_MODEL = "allenai/OLMoE-1B-7B-0924"
 def main(argv=None) -> int:
   """`python olmoe.py --prompt TEXT [--model DIR] ...`: generate a continuation (the options: olmoe_cli.py)."""
   import olmoe_cli
+  if "--serve" in (sys.argv[1:] if argv is None else argv):             # the HTTP server: olmoe_server.py
+    import olmoe_server
+    return olmoe_server.main("olmoe.py", argv, lambda name, dtype: load(name, dtype, progress=sys.stderr.isatty()),
+                             DEMO_MODEL, REAL_MODEL)
   args = olmoe_cli.build_parser("olmoe.py").parse_args(argv)
   def run():
     if args.model is None: args.model = olmoe_cli.default_model(DEMO_MODEL, REAL_MODEL)

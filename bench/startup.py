@@ -108,7 +108,7 @@ def main():
   def env_for(name: str, cache: Path) -> dict:
     return dict(base, PYTHONPATH=str(checkouts[name]), XDG_CACHE_HOME=str(cache))
   warm = {name: tmp / f"warm-{name}" for name in checkouts}
-  cli = lambda name: [sys.executable, f"{a.model}.py", "--prompt", PROMPT, "--max-new-tokens", str(a.new)]
+  cli = lambda name: [sys.executable, f"{a.model}.py", "--prompt", PROMPT, "--max-new-tokens", str(a.new), "--temperature", "0"]
   hf = [sys.executable, "-c", HF_SCRIPT, folder, PROMPT, str(a.new)]
   for name in checkouts: timed(cli(name), env_for(name, warm[name]), checkouts[name])   # fill the warm folders
   timed(hf, dict(base), ROOT)                                                           # and the page cache
