@@ -146,3 +146,22 @@ def test_chat_needs_a_chat_template_and_says_so_in_one_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
   assert "no chat template" in chat_cli("--model", folder, "--chat", "--prompt", "hi").stderr
+
+
+def test_ctrl_c_during_a_chat_reply_keeps_the_text_and_exits_130(tmp_path):
+  """SIGINT while a reply streams: the reply so far stays on stdout, exit 130, no traceback. (A template with no
+  end-of-turn token and a model without EOS, so that the reply is still streaming when the signal comes.)"""
+  import signal, time
+  folder = save_hf_olmoe(tmp_path / "m", seed=2, max_position_embeddings=8192, eos_token_id=None, with_tokenizer=False)
+  chat_tokenizer(folder, "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+  p = subprocess.Popen([sys.executable, str(ROOT / "olmoe.py"), "--model", str(folder), "--chat", "--max-new-tokens",
+                        "8000"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       cwd=ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+  p.stdin.write("hello\n"); p.stdin.flush()                          # a turn, and stdin left open
+  seen = p.stdout.read(3)                                              # the reply has begun
+  time.sleep(0.5)
+  p.send_signal(signal.SIGINT)
+  out, err = p.communicate(timeout=120)
+  assert p.returncode == 130 and "Traceback" not in err, err[-3000:]
+  assert len(seen + out) > 3 and err.strip().splitlines()[-1] == "[stopped]"
