@@ -169,13 +169,14 @@ def keep_experts(cfg: FlexOlmoConfig, state: dict[str, Stored], keep: list[int])
 
 
 def load(name: str, experts: ExpertChoice = None, opt_out: ExpertChoice = None, dtype=None,
-         progress: bool = True) -> tuple[FlexOlmo, "olmoe_tokenizer.Tokenizer | None"]:
+         progress: bool = True, quantize: str | None = None) -> tuple[FlexOlmo, "olmoe_tokenizer.Tokenizer | None"]:
   """(model, tokenizer) from a FlexOlmo checkpoint folder (or hub repo id) with only the chosen experts: `experts`
   (names or indices, default all) minus `opt_out`. Only those experts' weights and router rows are read: the model
   has E' experts, named by their original names (`cfg.names()`), and computes what the full model computes with the
-  others masked (`keep_experts`); memory is in proportion to the experts kept."""
+  others masked (`keep_experts`); memory is in proportion to the experts kept. quantize="int8" holds the large
+  weights in int8 (olmoe_int8.py)."""
   select = lambda cfg, state: keep_experts(cfg, state, expert_indices(cfg.names(), experts, opt_out))
-  return load_checkpoint(name, FlexOlmoConfig, FlexOlmo, dtype, progress, select)
+  return load_checkpoint(name, FlexOlmoConfig, FlexOlmo, dtype, progress, select, quantize)
 
 
 # ======================================= checkpoints as raw tensors =======================================
@@ -497,6 +498,10 @@ def main(argv=None) -> int:
       losses = train_expert(a.public, a.data, a.out, a.name or a.out.name, a.steps, a.lr, a.seq_len, a.batch, a.seed,
                             a.public_data, progress=sys.stderr.isatty(), router=a.router)
       print(f"trained {a.name or a.out.name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}; wrote {a.out}")
+  elif "--serve" in argv:                                                # the HTTP server: olmoe_server.py
+    import olmoe_server                 # every expert is loaded: a request may choose any of them
+    return olmoe_server.main("flexolmo.py", argv, lambda name, dtype: load(name, dtype=dtype, progress=sys.stderr.isatty()),
+                             DEMO_MODEL, REAL_MODEL)
   elif argv[:1] == ["merge"]:
     ap = argparse.ArgumentParser(prog="flexolmo.py merge", description=merge.__doc__.split("\n")[0])
     ap.add_argument("--public", required=True, type=Path)
@@ -523,9 +528,9 @@ def main(argv=None) -> int:
     def run():
       if a.model is None: a.model = olmoe_cli.default_model(DEMO_MODEL, REAL_MODEL)
       olmoe_cli.check_request(a)
-      dtype = olmoe_cli.prepare_compiler()                               # before the first kernel is compiled
+      dtype = olmoe_cli.prepare_compiler(a.dtype)                          # before the first kernel is compiled
       split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None
-      model, tok = load(a.model, split(a.experts), split(a.opt_out), dtype, progress=sys.stderr.isatty())
+      model, tok = load(a.model, split(a.experts), split(a.opt_out), dtype, progress=sys.stderr.isatty(), quantize=a.quantize)
       steps: list[Step] = []
       olmoe_cli.run_cli(a, model, tok, model.cfg.names(), **({"on_step": steps.append} if a.attribution else {}))
       if a.attribution:

@@ -26,7 +26,7 @@ apply (olmoe_speedups.py; nothing in this file needs them).
 
 Not handled: expert parallelism and the other distributed-training features of the original codebase (training
 runs on one device), rope types other than default/linear/dynamic, `attention_bias=True`, sliding windows, quantised
-weights, and speculative decoding.
+weights other than olmoe_int8.py's weight-only int8 (`load(..., quantize="int8")`), and speculative decoding.
 """
 from __future__ import annotations
 import math, sys
@@ -384,6 +384,7 @@ class Olmoe:
     self._caches: dict[int, list[Tensor]] = {}      # KV caches, one set per batch size
     self._extenders: dict = {}                      # TinyJit'd prompt extensions, per (batch size, length, masked?, k)
     self._held: tuple | None = None                 # what the batch-1 cache holds: (routing, left pad, token ids)
+    self.quantize: str | None = None                # "int8": large weights held as int8 + row scales (olmoe_int8.py)
 
   @property
   def dtype(self) -> DType: return self.embed_tokens.dtype
@@ -827,12 +828,14 @@ def step_runner():
 
 # ================================================ loading ================================================
 
-def load(name: str, dtype: DType | str | None = None, progress: bool = True) -> tuple[Olmoe, "Tokenizer | None"]:
+def load(name: str, dtype: DType | str | None = None, progress: bool = True,
+         quantize: str | None = None) -> tuple[Olmoe, "Tokenizer | None"]:
   """(model, tokenizer) from a folder holding config.json, safetensors (sharded or not) and tokenizer.json, or a hub
-  repo id. Weights keep their stored dtype unless `dtype` is given ("float32" to compare with an fp32 reference).
-  The files are read by olmoe_checkpoint.py, the tokenizer by olmoe_tokenizer.py."""
+  repo id. Weights keep their stored dtype unless `dtype` is given ("float32" to compare with an fp32 reference);
+  quantize="int8" holds the large ones in int8 (olmoe_int8.py). The files are read by olmoe_checkpoint.py, the
+  tokenizer by olmoe_tokenizer.py."""
   from olmoe_checkpoint import load_checkpoint
-  return load_checkpoint(name, OlmoeConfig, Olmoe, dtype, progress)
+  return load_checkpoint(name, OlmoeConfig, Olmoe, dtype, progress, quantize=quantize)
 
 
 # ============================================== command line ==============================================
@@ -851,8 +854,8 @@ def main(argv=None) -> int:
   def run():
     if args.model is None: args.model = olmoe_cli.default_model(DEMO_MODEL, REAL_MODEL)
     olmoe_cli.check_request(args)
-    dtype = olmoe_cli.prepare_compiler()                                 # before the first kernel is compiled
-    model, tok = load(args.model, dtype, progress=sys.stderr.isatty())
+    dtype = olmoe_cli.prepare_compiler(args.dtype)                         # before the first kernel is compiled
+    model, tok = load(args.model, dtype, progress=sys.stderr.isatty(), quantize=args.quantize)
     olmoe_cli.run_cli(args, model, tok)
   return olmoe_cli.exit_code(run)
 

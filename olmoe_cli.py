@@ -8,6 +8,7 @@ import argparse, atexit, contextlib, json, os, signal, sys, threading
 from pathlib import Path
 from typing import Callable
 from olmoe import OlmoeError, Step, generate
+from olmoe_int8 import check_quantize
 from olmoe_tokenizer import TextStream
 
 
@@ -25,6 +26,15 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
   ap.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
   ap.add_argument("--seed", type=int, default=None)
   ap.add_argument("--show-routing", action="store_true", help="print each generated token's experts per layer")
+  ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                  help="compute in this dtype (default: the checkpoint's)")
+  if prog == "olmoe.py":                   # FlexOlmo chooses its experts by name: --experts, --opt-out
+    ap.add_argument("--disable-experts", default=None, metavar="IDS", help="comma-separated expert ids no token may use")
+  ap.add_argument("--experts-per-token", type=int, default=None, metavar="K",
+                  help="route each token to K experts instead of the config's k (not to be confused with --top-k, "
+                       "which is sampling's)")
+  ap.add_argument("--quantize", default=None, metavar="int8",
+                  help="hold the large weights in int8, one scale per output row (olmoe_int8.py); default: as stored")
   return ap
 
 def check_request(args) -> None:
@@ -35,6 +45,7 @@ def check_request(args) -> None:
   if not args.prompt and not args.chat: raise OlmoeError("--prompt TEXT is required (or --chat to talk)")
   if args.system is not None and not args.chat: raise OlmoeError("--system needs --chat")
   if any(not p for p in args.prompt or []): raise OlmoeError("empty prompt")
+  check_quantize(getattr(args, "quantize", None))
   if (args.temperature or 0) < 0 or (args.top_k or 0) < 0 or not 0 < (1 if args.top_p is None else args.top_p) <= 1:
     raise OlmoeError("need --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
 
@@ -75,25 +86,28 @@ def sampling(args, folder: Path | None) -> dict:
   check_request(argparse.Namespace(**{**vars(args), **out}))
   return out
 
-def prepare_compiler() -> str | None:
+def prepare_compiler(requested: str | None = None) -> str | None:
   """Before anything is compiled: point tinygrad at a CPU target clang can finish (olmoe_compiler.py); then, on the
   CPU device, one line naming the fix when there is no C compiler, or "float32" (said once) when the compiler
-  cannot compile bf16, so that bf16 weights are loaded as fp32. Returns the dtype to load with (None: as stored)."""
+  cannot compile bf16, so that bf16 weights are loaded as fp32. Returns the dtype to load with (None: as stored):
+  `requested` (--dtype) where it can be compiled."""
   import olmoe_compiler
   from tinygrad import Device
   olmoe_compiler.use_cpu_target()
   state = olmoe_compiler.compiler()
   try: device = Device.DEFAULT
   except RuntimeError: device = None            # no device opened: the CPU cannot open without its compiler
-  if device not in (None, "CPU"): return None
+  if device not in (None, "CPU"): return requested
   if state == "missing":
     raise OlmoeError("no C compiler: tinygrad compiles CPU kernels with clang; install it (Debian/Ubuntu: "
                      "sudo apt-get install clang-19) or name another device with DEV=")
-  if state == "no-bf16":
+  if state == "no-bf16" and requested == "bfloat16":
+    raise OlmoeError("this clang cannot compile bf16 kernels (clang 19 or newer can): drop --dtype bfloat16 to run in fp32")
+  if state == "no-bf16" and requested is None:
     print("[this clang cannot compile bf16 kernels: weights are run in fp32 (bf16 ones take twice the memory); "
           "clang 19 or newer runs them in bf16]", file=sys.stderr)
     return "float32"
-  return None
+  return requested
 
 def default_model(demo: Path, real: str) -> str:
   """The bundled demo model when no --model is given (saying so), or a clear error saying how to get one."""
@@ -116,6 +130,7 @@ def run_cli(args, model, tok, expert_names: list[str] | None = None, on_step: Ca
   if tok is None: raise OlmoeError("the model folder has no tokenizer.json")
   from olmoe_checkpoint import resolve_model_dir
   opts = sampling(args, resolve_model_dir(args.model) if args.model else None)
+  route_as_asked(args, model)
   stop = set(model.cfg.eos_ids) | set(opts.pop("eos_ids"))
   if args.chat: return run_chat(args, model, tok, opts, stop, expert_names, on_step)
   prompts = [tok.encode(p) for p in args.prompt]
@@ -163,6 +178,23 @@ def user_turns():
     line = sys.stdin.readline()
     if not line: return                                   # Ctrl-D
     if line.strip(): yield line.rstrip("\n")
+
+def route_as_asked(args, model) -> None:
+  """--disable-experts (OLMoE; FlexOlmo has --experts and --opt-out) and --experts-per-token, through the model's
+  routing knobs: an expert mask and k."""
+  E, n_on = model.cfg.num_experts, model.cfg.num_experts
+  if (off := getattr(args, "disable_experts", None)):
+    try: ids = sorted({int(x) for x in off.split(",") if x.strip()})
+    except ValueError: raise OlmoeError(f"--disable-experts takes expert ids, e.g. 3,17; got {off!r}") from None
+    if not ids or ids[0] < 0 or ids[-1] >= E: raise OlmoeError(f"--disable-experts: ids must be in 0..{E - 1}, got {off!r}")
+    if len(ids) == E: raise OlmoeError("--disable-experts cannot disable every expert")
+    import numpy as np
+    from tinygrad import Tensor
+    model.expert_mask, n_on = Tensor(~np.isin(np.arange(E), ids)), E - len(ids)
+    model.top_k = min(model.top_k, n_on)                 # k slots among the experts left
+  if (k := getattr(args, "experts_per_token", None)) is not None:
+    if not 0 < k <= n_on: raise OlmoeError(f"--experts-per-token must be in 1..{n_on} (the experts enabled), got {k}")
+    model.top_k = k
 
 def emit(args, stop: set[int], step: Step, streams, texts, done, expert_names) -> None:
   """Decode one step's tokens: the first prompt's text goes to stdout now, the others' is kept for the end."""

@@ -245,3 +245,18 @@ def test_a_malformed_generation_config_is_one_line(bad, tmp_path):
                      capture_output=True, text=True, cwd=ROOT, timeout=600)
   lines = r.stderr.strip().splitlines()
   assert r.returncode == 2 and len(lines) == 1 and "generation_config.json" in lines[0], r.stderr[-2000:]
+
+
+def test_dtype_on_the_command_line_loads_the_bf16_demo_in_that_dtype():
+  """--dtype float32 on the bf16 demo prints the fp32 model's greedy text, for a prompt whose bf16 text differs."""
+  import olmoe
+  prompt = "12 + 30 ="                                   # its first greedy token already differs between the dtypes
+  texts = {}
+  for dtype in ("float32", None):
+    model, tok = olmoe.load(str(MODELS / "olmoe-demo"), dtype=dtype, progress=False)
+    ids = [s.tokens[0] for s in olmoe.generate(model, [tok.encode(prompt)], 10)]
+    texts[dtype] = prompt + tok.decode(ids[:next((n for n, t in enumerate(ids) if t in model.cfg.eos_ids), len(ids))]) + "\n"
+  assert texts["float32"] != texts[None]
+  r = subprocess.run([sys.executable, str(ROOT / "olmoe.py"), "--prompt", prompt, "--max-new-tokens", "10",
+                      "--temperature", "0", "--dtype", "float32"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert r.returncode == 0 and r.stdout == texts["float32"], r.stderr[-2000:]

@@ -431,3 +431,38 @@ def test_a_prompt_that_extends_the_previous_one_reuses_its_cache_and_gives_the_s
     key = (model.top_k, model.expert_mask.numpy().tobytes())
     assert olmoe.held_prefix(model, [turn + [5]], key) == 0                           # other experts: other keys
   finally: model.expert_mask = None
+
+
+def test_routing_options_on_the_command_line_equal_transformers_with_that_routing(tmp_path):
+  """--experts-per-token K is the same model with num_experts_per_tok=K; --disable-experts is the model with those
+  experts deleted (their router rows and weights: the softmax over the others is the masked softmax). Oracle:
+  transformers' greedy generation on checkpoints changed that way."""
+  import torch
+  from transformers import OlmoeForCausalLM
+  src = save_hf_olmoe(tmp_path / "m", seed=5)                   # a seed whose greedy tokens change with k
+  ref = hf_reference(src)
+  cfg = ref.config
+  def hf_text(model, new=6):
+    from olmoe_tokenizer import Tokenizer
+    tok = Tokenizer.from_file(src / "tokenizer.json")
+    ids = tok.encode("The quick")
+    with torch.no_grad():
+      out = model.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=1)
+    return "The quick" + tok.decode(out[0, len(ids):].tolist()) + "\n", out[0, len(ids):].tolist()
+  def ours(*flags):
+    r = run_cli("--model", str(src), "--prompt", "The quick", "--max-new-tokens", "6", "--temperature", "0", *flags)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+  k3 = OlmoeForCausalLM(type(cfg)(**{**cfg.to_dict(), "num_experts_per_tok": 3})).eval()
+  k3.load_state_dict(ref.state_dict())
+  (text3, ids3), (_, ids2) = hf_text(k3), hf_text(ref)
+  assert ours("--experts-per-token", "3") == text3 and ids3 != ids2            # and k matters for these tokens
+  off, keep = [1, 5], [e for e in range(cfg.num_experts) if e not in (1, 5)]
+  fewer = OlmoeForCausalLM(type(cfg)(**{**cfg.to_dict(), "num_experts": len(keep)})).eval()
+  state = {n: (p[keep] if ".mlp." in n else p) for n, p in ref.state_dict().items()}
+  fewer.load_state_dict(state)
+  text, ids = hf_text(fewer)
+  assert ours("--disable-experts", "1,5") == text and ids != ids2
+  for bad in (["--disable-experts", "8"], ["--disable-experts", "x"], ["--experts-per-token", "0"],
+              ["--disable-experts", ",".join(map(str, range(8)))]):
+    assert_clean_error(run_cli("--model", str(src), "--prompt", "hi", *bad), bad[0])
