@@ -11,10 +11,9 @@ only since version 13 (Debian 12 ships 12), and the kernel then fails to load. `
 small library with that one function that links libgcc_s for the rest, and `use_cpu_target()` points tinygrad's
 runtime library at it (tinygrad reads its path from RT_PATH).
 
-`cpu_target()` compiles that kernel once with a time limit (only on CPUs that have the features) and returns the
-tinygrad device target that avoids the hang, or None when none is needed. The verdict is kept in a small file per
-compiler and CPU, so later processes do not probe again. `use_cpu_target()` makes this process's tinygrad use it,
-unless `DEV` is already set. `compiler()` says whether there is a compiler at all and whether it can compile bf16
+`cpu_target()` returns the tinygrad device target that avoids the hang on every CPU with those features (clang is
+not asked: waiting for a probe to time out would cost each first run seconds), or None elsewhere.
+`use_cpu_target()` makes this process's tinygrad use it, unless `DEV` is already set. `compiler()` says whether there is a compiler at all and whether it can compile bf16
 (clang before 19 cannot); the command lines then name the fix, or run bf16 weights in fp32. This module does not
 import tinygrad.
 """
@@ -30,9 +29,7 @@ PROBE = """void probe(__bf16* restrict out) {
 """
 FEATURES_OFF = ("avx512bf16", "avx10.1-256")      # clang feature names; tinygrad's arch string turns each off
 TARGET = "CPU:CLANG:x86_64,native," + ",".join("-" + f for f in FEATURES_OFF)
-PROBE_SECONDS = 3.0     # the probe compiles in well under 0.1 s where clang is fine; where it hangs, a first run
-                        # waits this long once (a verdict of "hangs" on a machine too busy to compile in 3 s only
-                        # turns two CPU features off, which every kernel still compiles without)
+PROBE_SECONDS = 3.0     # the probe compiles in well under 0.1 s under the target; longer means clang hangs on it
 
 RUNTIME = """typedef unsigned int u32;
 typedef unsigned short u16;
@@ -84,11 +81,13 @@ def _verdict(name: str, probe) -> object:
   return known[name]
 
 def cpu_target() -> str | None:
-  """The tinygrad target (a `DEV` value) that avoids clang's bf16 hang on this machine, or None if none is needed."""
+  """The tinygrad target (a `DEV` value) that avoids clang's bf16 hang on this machine, or None if none is needed:
+  on every x86 CPU with AVX512-BF16, without asking clang. A probe would wait PROBE_SECONDS on a first run wherever
+  clang hangs, and the target costs nothing where it does not: tinygrad converts bf16 with integer operations, so
+  its kernels gain little from either feature."""
   if platform.machine().lower() not in ("x86_64", "amd64") or "avx512_bf16" not in _cpu_flags(): return None
   if shutil.which(os.environ.get("CC", "clang")) is None: return None      # no compiler at all: see compiler()
-  target = _verdict("target", lambda: TARGET if _compile(["-march=native"]) == "timeout" else None)
-  return target if target in (None, TARGET) else None
+  return TARGET
 
 def compiler() -> str | None:
   """For tinygrad's CPU device: None when its C compiler is fine, "missing" when there is none, "no-bf16" when it
