@@ -211,13 +211,14 @@ class Service:
     return out
 
   def pieces(self, r: Request, ids: list[int]) -> Iterator[Piece]:
-    """Generate for one checked request; the last piece has the finish reason."""
+    """Generate for one checked request; the last piece has the finish reason. A prompt that starts with the previous
+    request's prompt and reply (a chat's next turn) runs only its new tokens: the weights never change here."""
     cfg = self.model.cfg
     stop_ids = set(cfg.eos_ids) | (self.tok.end_of_turn_ids() if r.chat else set())
     stream, text, sent = TextStream(self.tok), "", 0
     longest = max(map(len, r.stop), default=0)
     for step in generate(self.model, [ids], r.max_tokens or cfg.context_length, r.temperature, r.top_k, r.top_p, r.seed,
-                         stop_ids=tuple(stop_ids), with_routing=r.routing):
+                         stop_ids=tuple(stop_ids), with_routing=r.routing, reuse_cache=True):
       t = step.tokens[0]
       route = self.routing(step) if r.routing else None
       if t in stop_ids:
