@@ -179,8 +179,11 @@ def to_tensor(t: Stored | Tensor, dtype: DType | None = None) -> Tensor:
   t.read_into(a := np.empty(t.shape, _np_dtype(t.dtype)))
   return Tensor(a) if t.dtype == dtypes.float32 else Tensor(a).bitcast(t.dtype)
 
-def load_weights(model: Olmoe, state: dict[str, Stored | Tensor], dtype: DType | None = None, progress: bool = True) -> None:
-  """Assign every checkpoint tensor to the model, checking names and shapes; read layer by layer from disk."""
+def load_weights(model: Olmoe, state: dict[str, Stored | Tensor], dtype: DType | None = None, progress: bool = True,
+                 quantize: str | None = None) -> None:
+  """Assign every checkpoint tensor to the model, checking names and shapes; read layer by layer from disk. With
+  quantize="int8", the large weights are quantised as they are read (olmoe_int8.py)."""
+  import olmoe_int8
   ours = model.parameters()
   got = dict(hf_to_ours(state, model.cfg))
   if model.cfg.tie_word_embeddings: got.pop("lm_head", None)
@@ -197,6 +200,9 @@ def load_weights(model: Olmoe, state: dict[str, Stored | Tensor], dtype: DType |
   for name in got: groups.setdefault(".".join(name.split(".")[:2]) if name.startswith("layers.") else name, []).append(name)
   for g in tqdm(list(groups), desc="loading", disable=not progress):
     for name in groups[g]:
+      if quantize and olmoe_int8.is_quantised(name):                     # held as int8 + row scales
+        _set(model, name, olmoe_int8.read_int8(got[name]))
+        continue
       t = to_tensor(got[name], dtype)
       _set(model, name, (t if t.dtype == dtype else t.cast(dtype)).contiguous().realize())
   if model.cfg.tie_word_embeddings: model.lm_head = model.embed_tokens
@@ -235,15 +241,18 @@ def read_config(folder: Path) -> dict:
 
 def load_checkpoint(name: str, config_cls: type, model_cls: type, dtype: DType | str | None = None,
                     progress: bool = True, select: Callable[[OlmoeConfig, dict[str, Stored]],
-                                                            tuple[OlmoeConfig, dict[str, Stored]]] | None = None
-                    ) -> tuple[Olmoe, Tokenizer | None]:
+                                                            tuple[OlmoeConfig, dict[str, Stored]]] | None = None,
+                    quantize: str | None = None) -> tuple[Olmoe, Tokenizer | None]:
   """(model, tokenizer) from a folder holding config.json, safetensors (sharded or not) and tokenizer.json: the
   config read by `config_cls.from_dict`, the model built by `model_cls(cfg)`, its weights read from the files.
 
   Weights keep their stored dtype unless `dtype` is given ("float32" to compare with an fp32 reference).
   `select(cfg, state)`, given, returns the config and the not-yet-read tensors of a smaller model (FlexOlmo: only the
-  kept experts), before the memory check and before anything is read."""
+  kept experts), before the memory check and before anything is read. quantize="int8" holds the large weights in
+  int8 (olmoe_int8.py); None keeps them as stored."""
   from olmoe_tokenizer import Tokenizer
+  from olmoe_int8 import check_quantize
+  quantize = check_quantize(quantize)
   folder = resolve_model_dir(name)
   cfg = config_cls.from_dict(read_config(folder))
   tok = Tokenizer.from_file(folder / "tokenizer.json") if (folder / "tokenizer.json").exists() else None
@@ -252,9 +261,10 @@ def load_checkpoint(name: str, config_cls: type, model_cls: type, dtype: DType |
   state = read_state_dict(folder)
   if select is not None: cfg, state = select(cfg, state)
   dtype = getattr(dtypes, dtype) if isinstance(dtype, str) else dtype
-  check_memory(state, dtype, folder)
+  check_memory(state, dtype, folder, quantize)
   model = model_cls(cfg)
-  load_weights(model, state, dtype, progress)
+  load_weights(model, state, dtype, progress, quantize)
+  model.quantize = quantize                       # part of the key of its captured steps (olmoe_speedups)
   return model, tok
 
 def on_cpu() -> bool:
@@ -267,10 +277,11 @@ def physical_memory() -> int | None:
   try: return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
   except (ValueError, OSError, AttributeError): return None
 
-def check_memory(state: dict[str, Stored], dtype: DType | None, folder: Path) -> None:
+def check_memory(state: dict[str, Stored], dtype: DType | None, folder: Path, quantize: str | None = None) -> None:
   """On the CPU, refuse before loading weights that cannot fit in this machine's memory, naming both sizes."""
+  from olmoe_int8 import bytes_needed
   if not on_cpu() or (have := physical_memory()) is None: return
-  need = sum(math.prod(t.shape) * (dtype or t.dtype).itemsize for t in state.values())
+  need = sum(bytes_needed(k, t.shape, (dtype or t.dtype).itemsize, quantize) for k, t in state.items())
   if need > have:
     raise OlmoeError(f"{folder}: the weights need {need / 2**30:.1f} GiB, this machine has {have / 2**30:.1f} GiB")
 

@@ -306,12 +306,13 @@ class StepCache:
     import tinygrad.helpers
     from tinygrad import Device
     modules = sorted({c.__module__ for c in type(model).__mro__} - {"builtins"})
+    if (quantize := getattr(model, "quantize", None)) is not None: modules.append("olmoe_int8")   # its kernels' code
     settings = sorted((k, repr(v.value)) for k, v in tinygrad.helpers.ContextVar._cache.items())
     renderer = Device[device].renderer            # its target, and THREADS, which it reads once (not a setting)
     parts = (STEP_FORMAT, TINYGRAD, sys.version_info[:2], device, str(renderer.target),
              getattr(renderer, "has_threads", None), _cpu_identity(),
              _source_digest(*(sys.modules[m] for m in modules)), type(model).__qualname__, repr(model.cfg),
-             str(model.dtype), kind, shape, settings, [(str(u.dtype), u.src[0].arg) for u in _held_buffers(model, shape[0])])
+             str(model.dtype), quantize, kind, shape, settings, [(str(u.dtype), u.src[0].arg) for u in _held_buffers(model, shape[0])])
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
   def path(self, key: str) -> Path: return self.folder / f"{key}.pkl"
