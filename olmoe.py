@@ -492,10 +492,19 @@ def lm_loss(model: Olmoe, ids: Tensor, attention_mask: Tensor | None = None, alp
     if not (has_type(v, "float") and v >= 0): raise OlmoeError(f"{name} = {v!r} must be a number >= 0")
   logits, routing = model(ids, attention_mask, return_routing=True)               # (B, T, V)
   labels = ids[:, 1:] if attention_mask is None else attention_mask[:, 1:].cast(dtypes.bool).where(ids[:, 1:], -100)
-  ce = logits[:, :-1].float().sparse_categorical_crossentropy(labels, ignore_index=-100)
+  ce = cross_entropy(logits[:, :-1], labels)
   lb = load_balancing_loss(routing.logits, model.cfg.num_experts, model.top_k, attention_mask, convention)
   z = router_z_loss(routing.logits)
   return ce + alpha * lb + beta * z, {"ce": ce, "lb": lb, "z": z, "load": expert_load(routing, model.cfg.num_experts)}
+
+def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+  """Mean over the labelled positions of -log softmax(logits)[label] = logsumexp(logits) - logits[label]; a label of
+  -100 is not counted. The fp32 logits are materialised once, so that the forward's reductions and the backward's
+  softmax read one buffer instead of each recomputing the LM head's product."""
+  x = logits.float().contiguous()                                                 # (..., V)
+  keep = labels != -100                                                           # (...)
+  picked = (labels.unsqueeze(-1) == Tensor.arange(x.shape[-1])).where(x, 0).sum(-1)   # logits[label], (...)
+  return ((x.logsumexp(-1) - picked) * keep).sum() / keep.sum().maximum(1)
 
 def expert_load(routing: Routing, num_experts: int) -> Tensor:
   """(L, E) fp32: the share of each layer's (token, slot) assignments that went to each expert (rows sum to 1)."""
