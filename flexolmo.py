@@ -500,8 +500,8 @@ def main(argv=None) -> int:
       print(f"trained {a.name or a.out.name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}; wrote {a.out}")
   elif "--serve" in argv:                                                # the HTTP server: olmoe_server.py
     import olmoe_server                 # every expert is loaded: a request may choose any of them
-    return olmoe_server.main("flexolmo.py", argv, lambda name, dtype: load(name, dtype=dtype, progress=sys.stderr.isatty()),
-                             DEMO_MODEL, REAL_MODEL)
+    load_model = lambda name, dtype, quantize: load(name, dtype=dtype, progress=sys.stderr.isatty(), quantize=quantize)
+    return olmoe_server.main("flexolmo.py", argv, load_model, DEMO_MODEL, REAL_MODEL)
   elif argv[:1] == ["merge"]:
     ap = argparse.ArgumentParser(prog="flexolmo.py merge", description=merge.__doc__.split("\n")[0])
     ap.add_argument("--public", required=True, type=Path)

@@ -857,8 +857,8 @@ def main(argv=None) -> int:
   import olmoe_cli
   if "--serve" in (sys.argv[1:] if argv is None else argv):             # the HTTP server: olmoe_server.py
     import olmoe_server
-    return olmoe_server.main("olmoe.py", argv, lambda name, dtype: load(name, dtype, progress=sys.stderr.isatty()),
-                             DEMO_MODEL, REAL_MODEL)
+    load_model = lambda name, dtype, quantize: load(name, dtype, progress=sys.stderr.isatty(), quantize=quantize)
+    return olmoe_server.main("olmoe.py", argv, load_model, DEMO_MODEL, REAL_MODEL)
   args = olmoe_cli.build_parser("olmoe.py").parse_args(argv)
   def run():
     if args.model is None: args.model = olmoe_cli.default_model(DEMO_MODEL, REAL_MODEL)

@@ -385,19 +385,22 @@ def make_server(model, tok, model_id: str, host: str = "127.0.0.1", port: int = 
 
 def main(prog: str, argv: list[str] | None, load_model: Callable, demo: Path, real: str) -> int:
   """`python PROG --serve [--model DIR] [--host H] [--port N]`: load the model, serve until Ctrl-C.
-  `load_model(name, dtype)` gives (model, tokenizer)."""
+  `load_model(name, dtype, quantize)` gives (model, tokenizer)."""
   import olmoe_cli
   ap = argparse.ArgumentParser(prog=f"{prog} --serve", description="Serve the model over an OpenAI-compatible API.")
   ap.add_argument("--serve", action="store_true", required=True)
   ap.add_argument("--model", default=None, help="folder with config.json + safetensors + tokenizer.json, or a hub repo id")
   ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
   ap.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+  ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                  help="compute in this dtype (default: the checkpoint's)")
+  ap.add_argument("--quantize", choices=("int8",), default=None, help="hold the large weights in int8 (olmoe_int8.py)")
   args = ap.parse_args(sys.argv[1:] if argv is None else argv)
   def run():
     if args.model is None: args.model = olmoe_cli.default_model(demo, real)
     if not 0 <= args.port < 65536: raise OlmoeError(f"--port {args.port}: not a port number")
-    dtype = olmoe_cli.prepare_compiler()                                 # before the first kernel is compiled
-    model, tok = load_model(args.model, dtype)
+    dtype = olmoe_cli.prepare_compiler(args.dtype)                       # before the first kernel is compiled
+    model, tok = load_model(args.model, dtype, args.quantize)
     if tok is None: raise OlmoeError("the model folder has no tokenizer.json")
     model_id = Path(args.model).name
     server = make_server(model, tok, model_id, args.host, args.port, aliases=(args.model,))
