@@ -11,8 +11,9 @@ only since version 13 (Debian 12 ships 12), and the kernel then fails to load. `
 small library with that one function that links libgcc_s for the rest, and `use_cpu_target()` points tinygrad's
 runtime library at it (tinygrad reads its path from RT_PATH).
 
-`cpu_target()` returns the tinygrad device target that avoids the hang on every CPU with those features (clang is
-not asked: waiting for a probe to time out would cost each first run seconds), or None elsewhere.
+`cpu_target()` returns the tinygrad device target that avoids the hang on every CPU with those features whose clang
+takes its flags (asked once, under the target, where the probe compiles at once: waiting for it to time out under
+-march=native would cost a first run seconds), or None elsewhere.
 `use_cpu_target()` makes this process's tinygrad use it, unless `DEV` is already set. `compiler()` says whether there is a compiler at all and whether it can compile bf16
 (clang before 19 cannot); the command lines then name the fix, or run bf16 weights in fp32. This module does not
 import tinygrad.
@@ -82,12 +83,14 @@ def _verdict(name: str, probe) -> object:
 
 def cpu_target() -> str | None:
   """The tinygrad target (a `DEV` value) that avoids clang's bf16 hang on this machine, or None if none is needed:
-  on every x86 CPU with AVX512-BF16, without asking clang. A probe would wait PROBE_SECONDS on a first run wherever
-  clang hangs, and the target costs nothing where it does not: tinygrad converts bf16 with integer operations, so
-  its kernels gain little from either feature."""
+  on every x86 CPU with AVX512-BF16 whose clang takes the target's flags. Under them the probe compiles at once, so
+  only that is asked of clang (kept per compiler and CPU): probing -march=native instead would wait PROBE_SECONDS
+  on a first run wherever clang hangs, and the target costs nothing where it does not, since tinygrad converts bf16
+  with integer operations. A clang that does not know the flags (clang 14 has no AVX10.1) gets no target."""
   if platform.machine().lower() not in ("x86_64", "amd64") or "avx512_bf16" not in _cpu_flags(): return None
   if shutil.which(os.environ.get("CC", "clang")) is None: return None      # no compiler at all: see compiler()
-  return TARGET
+  flags = ["-march=native"] + ["-mno-" + f for f in FEATURES_OFF]
+  return _verdict("target", lambda: TARGET if _compile(flags) == "ok" else None)
 
 def compiler() -> str | None:
   """For tinygrad's CPU device: None when its C compiler is fine, "missing" when there is none, "no-bf16" when it

@@ -39,18 +39,18 @@ def test_a_clang_without_bf16_runs_the_bf16_demo_in_fp32(tmp_path):
 
 
 def test_the_target_is_the_one_clang_finishes_under(tmp_path, monkeypatch):
-  """cpu_target() asks for the target exactly on x86 CPUs with AVX512-BF16, without probing; under it clang compiles
-  the probe (the zero-fill that hangs clang 19 under -march=native on such CPUs) within the time limit. compiler()'s
-  verdict is kept and read back; a missing compiler is said as such."""
+  """cpu_target() asks for the target exactly on x86 CPUs with AVX512-BF16 (for a clang that takes its flags), without
+  waiting on -march=native; under it clang compiles the probe (the zero-fill that hangs clang 19 under -march=native
+  on such CPUs) within the time limit. The verdicts are kept and read back; a missing compiler is said as such."""
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
   target = olmoe_compiler.cpu_target()
   x86_bf16 = olmoe_compiler.platform.machine().lower() in ("x86_64", "amd64") and "avx512_bf16" in olmoe_compiler._cpu_flags()
-  assert target == (olmoe_compiler.TARGET if x86_bf16 else None)
+  assert target == (olmoe_compiler.TARGET if x86_bf16 else None)                # clang 19 takes the target's flags
   arch = ["-march=native"] + (["-mno-" + f for f in olmoe_compiler.FEATURES_OFF] if target else [])
   assert olmoe_compiler._compile(arch) == "ok"
   assert olmoe_compiler.compiler() is None                                     # this machine's clang does bf16
   kept = [json.loads(p.read_text()) for p in (tmp_path / "tinygrad").glob("olmoe-clang-*.json")]
-  assert kept and all(k.get("bf16") == "ok" for k in kept)
+  assert kept and all(k.get("bf16") == "ok" and k.get("target", target) == target for k in kept)
   monkeypatch.setenv("CC", str(tmp_path / "no-such-clang"))
   assert olmoe_compiler.compiler() == "missing" and olmoe_compiler.cpu_target() is None
 
