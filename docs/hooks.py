@@ -14,7 +14,13 @@
    Outputs are cached by the content of the snippet and of the files it depends on (the project's modules when it
    imports one of them, demo/ and models/ when it uses them). A snippet that needs a
    file (a line `# requires: models/olmoe-demo/config.json`) shows a note instead while the file does not exist.
-4. Demo material: `{{ include: demo/RESULTS.md }}` inserts that file when it exists; `{{ figure: NAME.png | caption }}`
+4. Notebooks: each docs/notebooks/<name>.py (a "Build it" solution in jupytext's percent format: `# %%` starts a code
+   cell, `# %% [markdown]` a text cell) is also published as `notebooks/<name>.ipynb`, converted by jupytext when the
+   site is built, so the notebooks and the solutions the page shows are one source. Each tutorial snippet becomes
+   `notebooks/tutorial/<name>.ipynb` the same way, after a first cell that moves to the repository root as the tests
+   run snippets, and its output block links to it. tests/test_build_notebooks.py runs the same conversion and executes
+   every notebook.
+5. Demo material: `{{ include: demo/RESULTS.md }}` inserts that file when it exists; `{{ figure: NAME.png | caption }}`
    shows a figure that demo/figures.py draws into the site at build time. Where they do not exist yet the page
    says which script produces them.
 """
@@ -190,6 +196,44 @@ def snippet_output(rel: str) -> str:
   return out
 
 
+# ============================================ notebooks ============================================
+
+NOTEBOOKS = DOCS / "notebooks"
+
+# A snippet runs from the repository root with docs/snippets/ on the path (execute_snippet); a notebook starts in its
+# own folder, so its first cell finds the root (the folder with olmoe.py and models/) from there upwards.
+SNIPPET_SETUP = """\
+# Run from the repository root, as the tests run this snippet, wherever the notebook is inside the checkout.
+import os, sys
+from pathlib import Path
+ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "olmoe.py").is_file() and (p / "models").is_dir())
+os.chdir(ROOT); sys.path[:0] = [str(ROOT / "docs" / "snippets"), str(ROOT)]
+import olmoe_compiler; olmoe_compiler.use_cpu_target()   # a CPU compile target clang can finish (bf16)"""
+
+def notebook_sources() -> list[Path]:
+  """The "Build it" solutions, published as notebooks/<name>.ipynb."""
+  return sorted(NOTEBOOKS.glob("*.py"))
+
+def snippet_sources() -> list[Path]:
+  """The tutorial snippets, published as notebooks/tutorial/<name>.ipynb."""
+  return sorted((DOCS / "snippets").glob("*.py"))
+
+def notebook_uri(path: Path) -> str:
+  """Where the site publishes a source's notebook, relative to the docs folder."""
+  return f"notebooks/tutorial/{path.stem}.ipynb" if path.parent.name == "snippets" else f"notebooks/{path.stem}.ipynb"
+
+def notebook_json(path: Path) -> str:
+  """The .ipynb text of a percent-format source (a snippet gets the cell SNIPPET_SETUP first), with the standard
+  Python kernel named so that Jupyter opens it as is."""
+  import jupytext, nbformat
+  nb = jupytext.read(path, fmt="py:percent")
+  if path.parent.name == "snippets":
+    nb.cells[:0] = [nbformat.v4.new_markdown_cell(f"`docs/snippets/{path.name}`, a snippet of the course; the page "
+                                                  "shows what it prints."), nbformat.v4.new_code_cell(SNIPPET_SETUP)]
+  nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+  return jupytext.writes(nb, fmt="ipynb")
+
+
 # ============================================ demo material ============================================
 
 FIGURES_SCRIPT = ROOT / "demo" / "figures.py"
@@ -241,6 +285,8 @@ def on_files(files, config, **kw):
   from mkdocs.structure.files import File
   for name in SOURCES:
     files.append(File.generated(config, f"source/{Path(name).stem}.md", content=source_page(name)))
+  for src in notebook_sources() + snippet_sources():
+    files.append(File.generated(config, notebook_uri(src), content=notebook_json(src)))
   if STATE.get("figures"):
     for png in sorted(STATE["figures"].glob("*.png")):
       files.append(File.generated(config, f"figures/{png.name}", abs_src_path=str(png)))
@@ -260,8 +306,10 @@ def on_page_markdown(markdown, page, config, files, **kw):
                 f"repository yet; the site shows its output here once it is.\n")
       try: out = snippet_output(arg)
       except Exception as e: raise PluginError(f"{src}: snippet {arg} failed: {e.__class__.__name__}: {e}") from e
-      if kind == "markdown": return out.rstrip() + "\n"
-      return f'``` text title="printed by {arg}"\n{out.rstrip()}\n```\n'
+      block = out.rstrip() + "\n" if kind == "markdown" else f'``` text title="printed by {arg}"\n{out.rstrip()}\n```\n'
+      if arg.startswith("snippets/"):    # the snippet as a notebook, published by on_files
+        block += f"\n*Run it as a notebook: [{Path(arg).stem}.ipynb]({'../' * depth}{notebook_uri(DOCS / arg)})*\n"
+      return block
     if kind == "include":
       path = ROOT / arg
       if path.exists(): return shift_headings(path.read_text(encoding="utf-8")) + "\n"
