@@ -64,7 +64,9 @@ def test_trained_checkpoint_runs_in_olmoe_py_as_in_transformers(tiny_run):
   with torch.no_grad(): theirs = hf_reference(root / "a")(torch.tensor([ids])).logits.numpy()
   assert np.abs(ours - theirs).max() < 1e-4
   keys = json.loads((root / "a" / "hashes.json").read_text())
-  assert set(keys) == {"config.json", "model.safetensors", "tokenizer.json", "train_log.json"}
+  assert set(keys) == {"config.json", "model.safetensors", "tokenizer.json", "train_log.json", "generation_config.json"}
+  from transformers import GenerationConfig                     # the sampling defaults, as transformers reads them
+  assert GenerationConfig.from_pretrained(str(root / "a")).do_sample
 
 
 def test_the_dense_public_model_is_an_olmo2_checkpoint_transformers_runs(tmp_path):
