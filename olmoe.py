@@ -730,7 +730,8 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
       if (extend := model._extenders.get(k := (B, T, model.expert_mask is None, model.top_k))) is None:
         extend = model._extenders[k] = run.step(model, "extend", k, _extend)
       chunk = Tensor([new + [pad] * (T - len(new))], dtype=dtypes.int32)                    # (1, T)
-      logits, routing = run(extend, model, chunk, v_pos.bind(start), key_ok, offset, model.expert_mask)
+      v_start = UOp.variable("start_pos", 1, S_max - T)       # every value keeps start_pos + T inside the cache
+      logits, routing = run(extend, model, chunk, v_start.bind(start), key_ok, offset, model.expert_mask)
       at = len(new) - 1                                        # the last new id's row of the (B, T, V) logits
     else:
       ids = Tensor([[pad] * n + p for n, p in zip(npad, prompts)], dtype=dtypes.int32)        # (B, Tp)

@@ -412,7 +412,13 @@ def test_a_prompt_that_extends_the_previous_one_reuses_its_cache_and_gives_the_s
   """generate(..., reuse_cache=True) runs only the ids after the ones the previous call left in the KV cache (a chat's
   earlier turns): its tokens and routing equal a fresh run's of the whole prompt (bf16 demo: its 16-wide prompt
   extension copies bf16 values, the kernel that needs __truncsfbf2 on CPUs without AVX512-BF16). A prompt that
-  leaves the held prefix, or another expert mask, runs from scratch."""
+  leaves the held prefix, or another expert mask, runs from scratch. Run in a process of its own, as a chat is."""
+  r = subprocess.run([sys.executable, "-c", "import test_olmoe; test_olmoe.reuse_checks(); print('ok')"],
+                     capture_output=True, text=True, cwd=ROOT / "tests", timeout=600)
+  assert r.returncode == 0 and r.stdout.endswith("ok\n"), r.stderr[-3000:]
+
+
+def reuse_checks():
   model, tok = olmoe.load(str(ROOT / "models" / "olmoe-demo"), progress=False)
   run = lambda p, **kw: list(olmoe.generate(model, [p], 6, with_routing=True, **kw))
   first = tok.encode("The mixture of experts is")
