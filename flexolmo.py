@@ -121,8 +121,7 @@ class FlexOlmo(Olmoe):
     The weights of every expert stay in memory (to switch experts without reloading); `load` keeps only the chosen."""
     names = self.cfg.names()
     on = expert_indices(names, experts, opt_out)
-    self.expert_mask = None if len(on) == len(names) else Tensor([e in on for e in range(len(names))])
-    self.top_k = min(self.cfg.num_experts_per_tok, len(on))
+    self.enable_experts(on)
     return [names[e] for e in on]
 
 

@@ -389,6 +389,13 @@ class Olmoe:
   @property
   def dtype(self) -> DType: return self.embed_tokens.dtype
 
+  def enable_experts(self, on: list[int]) -> None:
+    """Let only the experts `on` take slots: the others' router logits become -inf before the softmax (`route`),
+    which renormalises over the rest, and k is capped at len(on)."""
+    E = self.cfg.num_experts
+    self.expert_mask = None if len(on) == E else Tensor([e in on for e in range(E)])
+    self.top_k = min(self.cfg.num_experts_per_tok, len(on))
+
   def final_norm(self, h: Tensor) -> Tensor: return rms_norm(h, self.norm, self.cfg.rms_norm_eps)
 
   def forward(self, ids: Tensor, positions: Tensor, mask: Tensor, start_pos: int | UOp = 0, last_only: bool = False,
@@ -696,7 +703,8 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
   if max_new_tokens <= 0: raise OlmoeError(f"max_new_tokens must be positive, got {max_new_tokens}")
   Tp, B, S_max = max(map(len, prompts)), len(prompts), cfg.context_length          # prompt positions, batch, cache
   if Tp > S_max - 1: raise OlmoeError(f"prompt of {Tp} tokens is longer than the model's context ({S_max} positions)")
-  routing_key = (model.top_k, None if model.expert_mask is None else model.expert_mask.numpy().tobytes())
+  routing_key = (model.top_k, None if model.expert_mask is None else model.expert_mask.numpy().tobytes()) \
+                if reuse_cache else None                     # what the held keys and values were computed with
   reuse, npad = held_prefix(model, prompts, routing_key) if reuse_cache else 0, None
   if reuse:                              # the cache holds the prompt's first `reuse` ids, after the same left pad
     npad = [model._held[1]]
@@ -792,20 +800,22 @@ def _prefill(model: Olmoe, ids: Tensor, key_ok: Tensor, offset: Tensor, expert_m
   return _realized(*model.forward(ids, positions, mask, 0, last_only=True, expert_mask=expert_mask))
 
 def _decode_step(model: Olmoe, tok: Tensor, start_pos: UOp, key_ok: Tensor, offset: Tensor, expert_mask: Tensor | None):
-  """One new token per row at position start_pos (symbolic, so one compiled graph serves every position). Tensors
-  that change between calls (the expert mask too) are arguments, so the compiled graph reads their new values."""
-  positions = (Tensor.arange(1) + start_pos).reshape(1, 1) - offset                        # (B, 1)
-  mask = attention_mask_3d(1, start_pos + 1, start_pos, key_ok[:, :start_pos + 1])          # (B, 1, S)
-  return _realized(*model.forward(tok, positions, mask, start_pos, last_only=True, expert_mask=expert_mask))
+  """One new token per row at position start_pos (symbolic, so one compiled graph serves every position): `_extend`
+  with T = 1 and only the last logits. Tensors that change between calls (the expert mask too) are arguments, so the
+  compiled graph reads their new values."""
+  return _extend(model, tok, start_pos, key_ok, offset, expert_mask, every=False)
 
-def _extend(model: Olmoe, ids: Tensor, start_pos: UOp, key_ok: Tensor, offset: Tensor, expert_mask: Tensor | None):
-  """T more prompt positions ids (1, T) after the start_pos ones the cache holds (a chat's new turn), with the logits
-  of every position. The ids may end in padding, so that one compiled graph serves a range of lengths: its keys and
-  values land in cache slots that each later token overwrites before any query can see them."""
+def _extend(model: Olmoe, ids: Tensor, start_pos: UOp, key_ok: Tensor, offset: Tensor, expert_mask: Tensor | None,
+            every: bool = True):
+  """T more positions ids (B, T) after the start_pos ones the cache holds (a chat's new turn), with the logits of
+  every position (or, every=False, of the last). The ids may end in padding, so that one compiled graph serves a
+  range of lengths: its keys and values land in cache slots that each later token overwrites before any query can
+  see them."""
   T = ids.shape[1]
-  positions = (Tensor.arange(T) + start_pos).reshape(1, T) - offset                        # (1, T)
-  mask = attention_mask_3d(T, start_pos + T, start_pos, key_ok[:, :start_pos + T])          # (1, T, S)
-  return _realized(*model.forward(ids, positions, mask, start_pos, expert_mask=expert_mask), every=True)
+  positions = (Tensor.arange(T) + start_pos).reshape(1, T) - offset                        # (B, T)
+  mask = attention_mask_3d(T, start_pos + T, start_pos, key_ok[:, :start_pos + T])          # (B, T, S)
+  logits, routing = model.forward(ids, positions, mask, start_pos, last_only=not every, expert_mask=expert_mask)
+  return _realized(logits, routing, every)
 
 def _realized(logits: Tensor, r: Routing, every: bool = False) -> tuple[Tensor, Routing]:
   """The (B, V) fp32 last-position logits (every position's, (B, T, V), if asked) and the routing, realized inside

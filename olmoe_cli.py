@@ -26,16 +26,20 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
   ap.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
   ap.add_argument("--seed", type=int, default=None)
   ap.add_argument("--show-routing", action="store_true", help="print each generated token's experts per layer")
-  ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                  help="compute in this dtype (default: the checkpoint's)")
+  add_load_options(ap)
   if prog == "olmoe.py":                   # FlexOlmo chooses its experts by name: --experts, --opt-out
     ap.add_argument("--disable-experts", default=None, metavar="IDS", help="comma-separated expert ids no token may use")
   ap.add_argument("--experts-per-token", type=int, default=None, metavar="K",
                   help="route each token to K experts instead of the config's k (not to be confused with --top-k, "
                        "which is sampling's)")
+  return ap
+
+def add_load_options(ap: argparse.ArgumentParser) -> None:
+  """How the weights are held: --dtype and --quantize (the command lines and `--serve`)."""
+  ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                  help="compute in this dtype (default: the checkpoint's)")
   ap.add_argument("--quantize", default=None, metavar="int8",
                   help="hold the large weights in int8, one scale per output row (olmoe_int8.py); default: as stored")
-  return ap
 
 def check_request(args) -> None:
   """Reject impossible requests before spending time on loading a model (options not given are checked once
@@ -188,10 +192,8 @@ def route_as_asked(args, model) -> None:
     except ValueError: raise OlmoeError(f"--disable-experts takes expert ids, e.g. 3,17; got {off!r}") from None
     if not ids or ids[0] < 0 or ids[-1] >= E: raise OlmoeError(f"--disable-experts: ids must be in 0..{E - 1}, got {off!r}")
     if len(ids) == E: raise OlmoeError("--disable-experts cannot disable every expert")
-    import numpy as np
-    from tinygrad import Tensor
-    model.expert_mask, n_on = Tensor(~np.isin(np.arange(E), ids)), E - len(ids)
-    model.top_k = min(model.top_k, n_on)                 # k slots among the experts left
+    model.enable_experts([e for e in range(E) if e not in ids])
+    n_on = E - len(ids)
   if (k := getattr(args, "experts_per_token", None)) is not None:
     if not 0 < k <= n_on: raise OlmoeError(f"--experts-per-token must be in 1..{n_on} (the experts enabled), got {k}")
     model.top_k = k

@@ -14,9 +14,9 @@ runtime library at it (tinygrad reads its path from RT_PATH).
 `cpu_target()` returns the tinygrad device target that avoids the hang on every CPU with those features whose clang
 takes its flags (asked once, under the target, where the probe compiles at once: waiting for it to time out under
 -march=native would cost a first run seconds), or None elsewhere.
-`use_cpu_target()` makes this process's tinygrad use it, unless `DEV` is already set. `compiler()` says whether there is a compiler at all and whether it can compile bf16
-(clang before 19 cannot); the command lines then name the fix, or run bf16 weights in fp32. This module does not
-import tinygrad.
+`use_cpu_target()` makes this process's tinygrad use it, unless `DEV` is already set. `compiler()` says whether
+there is a compiler at all and whether it can compile bf16 (clang before 19 cannot); the command lines then name the
+fix, or run bf16 weights in fp32. This module does not import tinygrad.
 """
 from __future__ import annotations
 import ctypes, functools, hashlib, json, os, platform, shutil, subprocess, tempfile

@@ -392,9 +392,7 @@ def main(prog: str, argv: list[str] | None, load_model: Callable, demo: Path, re
   ap.add_argument("--model", default=None, help="folder with config.json + safetensors + tokenizer.json, or a hub repo id")
   ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
   ap.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-  ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                  help="compute in this dtype (default: the checkpoint's)")
-  ap.add_argument("--quantize", choices=("int8",), default=None, help="hold the large weights in int8 (olmoe_int8.py)")
+  olmoe_cli.add_load_options(ap)
   args = ap.parse_args(sys.argv[1:] if argv is None else argv)
   def run():
     if args.model is None: args.model = olmoe_cli.default_model(demo, real)
