@@ -30,7 +30,7 @@ PROBE = """void probe(__bf16* restrict out) {
 """
 FEATURES_OFF = ("avx512bf16", "avx10.1-256")      # clang feature names; tinygrad's arch string turns each off
 TARGET = "CPU:CLANG:x86_64,native," + ",".join("-" + f for f in FEATURES_OFF)
-PROBE_SECONDS = 3.0     # the probe compiles in well under 0.1 s under the target; longer means clang hangs on it
+PROBE_SECONDS = 3.0     # the probe compiles at once under the target; far longer means clang hangs on it
 
 RUNTIME = """typedef unsigned int u32;
 typedef unsigned short u16;
