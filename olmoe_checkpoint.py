@@ -215,9 +215,11 @@ def _set(model: Olmoe, name: str, t: Tensor) -> None:
   setattr(obj, last, t)
 
 def resolve_model_dir(name: str) -> Path:
-  """A local folder, or a Hugging Face hub repo id fetched with huggingface_hub (needs a network)."""
+  """A local folder (for a GGUF file, the folder holding it), or a Hugging Face hub repo id fetched with
+  huggingface_hub (needs a network)."""
   p = Path(name).expanduser()
   if p.is_dir(): return p
+  if p.is_file() and p.suffix == ".gguf": return p.parent
   if p.exists(): raise OlmoeError(f"{name}: not a folder (expected config.json + safetensors + tokenizer.json)")
   if name.count("/") != 1 or name.startswith((".", "/")): raise OlmoeError(f"{name}: no such folder")
   try:
@@ -253,6 +255,12 @@ def load_checkpoint(name: str, config_cls: type, model_cls: type, dtype: DType |
   from olmoe_tokenizer import Tokenizer
   from olmoe_int8 import check_quantize
   quantize = check_quantize(quantize)
+  import olmoe_gguf
+  if (gguf := olmoe_gguf.gguf_path(name)) is not None:         # llama.cpp's format, quantised weights kept quantised
+    from olmoe import Olmoe
+    if model_cls is not Olmoe or select is not None: raise OlmoeError(f"{gguf}: GGUF files hold OLMoE models only (olmoe.py)")
+    if quantize: raise OlmoeError(f"{gguf}: the file's weights are already quantised; --quantize is for safetensors checkpoints")
+    return olmoe_gguf.load(gguf, dtype, progress)
   folder = resolve_model_dir(name)
   cfg = config_cls.from_dict(read_config(folder))
   tok = Tokenizer.from_file(folder / "tokenizer.json") if (folder / "tokenizer.json").exists() else None
@@ -280,10 +288,13 @@ def physical_memory() -> int | None:
 def check_memory(state: dict[str, Stored], dtype: DType | None, folder: Path, quantize: str | None = None) -> None:
   """On the CPU, refuse before loading weights that cannot fit in this machine's memory, naming both sizes."""
   from olmoe_int8 import bytes_needed
+  check_memory_bytes(sum(bytes_needed(k, t.shape, (dtype or t.dtype).itemsize, quantize) for k, t in state.items()), folder)
+
+def check_memory_bytes(need: int, where: Path) -> None:
+  """On the CPU, refuse before loading `need` bytes of weights that cannot fit in this machine's memory."""
   if not on_cpu() or (have := physical_memory()) is None: return
-  need = sum(bytes_needed(k, t.shape, (dtype or t.dtype).itemsize, quantize) for k, t in state.items())
   if need > have:
-    raise OlmoeError(f"{folder}: the weights need {need / 2**30:.1f} GiB, this machine has {have / 2**30:.1f} GiB")
+    raise OlmoeError(f"{where}: the weights need {need / 2**30:.1f} GiB, this machine has {have / 2**30:.1f} GiB")
 
 
 # ============================================= writing =============================================
