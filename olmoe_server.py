@@ -7,7 +7,8 @@ served one at a time (a lock around each generation), since they share the model
 
 Handled: prompt (one string), messages (rendered with the model's chat template; the reply stops at the template's
 end-of-turn token or the EOS), max_tokens (max_completion_tokens for chat), temperature (default 1, as OpenAI's),
-top_p, top_k (an extension, as vLLM's), seed, stop (up to 4 strings; the text ends before the first one), n = 1,
+top_p, top_k (an extension, as vLLM's), seed; a field left out takes the model's generation_config.json value when it
+has one (greedy unless do_sample, as transformers reads it; its extra EOS ids stop every reply too), stop (up to 4 strings; the text ends before the first one), n = 1,
 stream and stream_options.include_usage, usage counts, finish_reason "stop" or "length". Extensions: `"routing":
 true` adds to each choice (and each streamed chunk) `routing`, per generated token a list over layers of
 {"experts": [ids], "weights": [...]} (FlexOlmo: and "names"), with `routing_tokens`, each token's {"id", "text"};
@@ -85,8 +86,11 @@ def field(body: dict, name: str, kinds: tuple, default, check: Callable[[object]
                        code="invalid_value")
   return v
 
-def parse_request(body, chat: bool) -> Request:
-  """Check a /v1/completions (chat=False) or /v1/chat/completions body; a RequestError names the first bad field."""
+def parse_request(body, chat: bool, defaults: dict | None = None) -> Request:
+  """Check a /v1/completions (chat=False) or /v1/chat/completions body; a RequestError names the first bad field.
+  `defaults` (the model's generation_config.json, as olmoe_cli.generation_config reads it) stand in for the sampling
+  fields a request leaves out, before OpenAI's own defaults."""
+  d = defaults or {}
   if not isinstance(body, dict): raise RequestError("the request body must be a JSON object", code="invalid_json")
   refused = {"n": lambda v: v != 1, "best_of": lambda v: v != 1, "logprobs": bool, "top_logprobs": bool,
              "echo": bool, "suffix": bool, "tools": bool, "functions": bool, "logit_bias": bool,
@@ -118,11 +122,12 @@ def parse_request(body, chat: bool) -> Request:
                           "a non-empty list of expert names")
   options = field(body, "stream_options", (dict,), {})
   return Request(chat, prompt, messages,
-                 field(body, max_name, (int,), 16 if not chat else None, positive, "a positive integer"),
-                 float(field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]")),
-                 float(field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")),
-                 field(body, "top_k", (int,), 0, lambda v: v >= 0, "an integer >= 0"),
-                 field(body, "seed", (int,), None), stop, field(body, "stream", (bool,), False),
+                 field(body, max_name, (int,), d.get("max_new_tokens", 16 if not chat else None), positive, "a positive integer"),
+                 float(field(body, "temperature", (int, float), d.get("temperature", 0.0 if d else 1.0),
+                             lambda v: 0 <= v <= 2, "a number in [0, 2]")),
+                 float(field(body, "top_p", (int, float), d.get("top_p", 1.0), lambda v: 0 < v <= 1, "a number in (0, 1]")),
+                 field(body, "top_k", (int,), d.get("top_k", 0), lambda v: v >= 0, "an integer >= 0"),
+                 field(body, "seed", (int,), d.get("seed")), stop, field(body, "stream", (bool,), False),
                  bool(options.get("include_usage")), field(body, "routing", (bool,), False),
                  names("experts"), names("opt_out"))
 
@@ -139,8 +144,8 @@ def held_back(text: str, stops: list[str]) -> int:
 
 class Service:
   """The model behind the endpoints: turns checked requests into pieces of text with their routing."""
-  def __init__(self, model, tok, model_id: str, aliases: tuple[str, ...] = ()):
-    self.model, self.tok, self.model_id = model, tok, model_id
+  def __init__(self, model, tok, model_id: str, aliases: tuple[str, ...] = (), defaults: dict | None = None):
+    self.model, self.tok, self.model_id, self.defaults = model, tok, model_id, defaults or {}
     self.ids = {model_id, *aliases}
     self.names = model.cfg.names() if hasattr(model.cfg, "names") else None   # FlexOlmo's expert names
     self.lock = threading.Lock()            # one request at a time: generations share the KV cache
@@ -214,7 +219,7 @@ class Service:
     """Generate for one checked request; the last piece has the finish reason. A prompt that starts with the previous
     request's prompt and reply (a chat's next turn) runs only its new tokens: the weights never change here."""
     cfg = self.model.cfg
-    stop_ids = set(cfg.eos_ids) | (self.tok.end_of_turn_ids() if r.chat else set())
+    stop_ids = set(cfg.eos_ids) | set(self.defaults.get("eos_ids", ())) | (self.tok.end_of_turn_ids() if r.chat else set())
     stream, text, sent = TextStream(self.tok), "", 0
     longest = max(map(len, r.stop), default=0)
     for step in generate(self.model, [ids], r.max_tokens or cfg.context_length, r.temperature, r.top_k, r.top_p, r.seed,
@@ -281,7 +286,7 @@ class Handler(BaseHTTPRequestHandler):
       if isinstance(body, dict) and body.get("model") is not None and body["model"] not in self.service.ids:
         raise RequestError(f"model {body['model']!r} is not served here (this server has {self.service.model_id!r})",
                            404, "model_not_found", "model")
-      self.complete(parse_request(body, routes[self.path]))
+      self.complete(parse_request(body, routes[self.path], self.service.defaults))
     except RequestError as e: self.fail(e)
     except OSError: pass                            # the client closed the connection mid-answer
     except Exception as e:                          # a bug: one line in the log, a 500 to the client
@@ -371,10 +376,10 @@ class Answer:
 
 
 def make_server(model, tok, model_id: str, host: str = "127.0.0.1", port: int = 8000,
-                aliases: tuple[str, ...] = ()) -> ThreadingHTTPServer:
+                aliases: tuple[str, ...] = (), defaults: dict | None = None) -> ThreadingHTTPServer:
   """A server for `model`, not yet serving: call serve_forever (on any thread) and server.service.run_jobs() (on the
-  thread that loaded the model). Port 0 picks a free one (server.server_port)."""
-  service = Service(model, tok, model_id, aliases)
+  thread that loaded the model). Port 0 picks a free one (server.server_port). `defaults`: see `parse_request`."""
+  service = Service(model, tok, model_id, aliases, defaults)
   handler = type("BoundHandler", (Handler,), {"service": service})
   try: server = ThreadingHTTPServer((host, port), handler)
   except OSError as e: raise OlmoeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
@@ -401,7 +406,9 @@ def main(prog: str, argv: list[str] | None, load_model: Callable, demo: Path, re
     model, tok = load_model(args.model, dtype, args.quantize)
     if tok is None: raise OlmoeError("the model folder has no tokenizer.json")
     model_id = Path(args.model).name
-    server = make_server(model, tok, model_id, args.host, args.port, aliases=(args.model,))
+    from olmoe_checkpoint import resolve_model_dir
+    defaults = olmoe_cli.generation_config(resolve_model_dir(args.model))
+    server = make_server(model, tok, model_id, args.host, args.port, aliases=(args.model,), defaults=defaults)
     host, port = server.server_address[:2]
     print(f"[serving {model_id} at http://{host}:{port}/ (OpenAI API under /v1); Ctrl-C stops]", file=sys.stderr, flush=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()

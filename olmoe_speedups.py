@@ -306,7 +306,8 @@ class StepCache:
     import tinygrad.helpers
     from tinygrad import Device
     modules = sorted({c.__module__ for c in type(model).__mro__} - {"builtins"})
-    if (quantize := getattr(model, "quantize", None)) is not None: modules.append("olmoe_int8")   # its kernels' code
+    if (quantize := getattr(model, "quantize", None)) is not None:        # the code of its weights' expressions
+      modules.append("olmoe_gguf" if quantize.startswith("gguf") else "olmoe_int8")
     settings = sorted((k, repr(v.value)) for k, v in tinygrad.helpers.ContextVar._cache.items())
     renderer = Device[device].renderer            # its target, and THREADS, which it reads once (not a setting)
     parts = (STEP_FORMAT, TINYGRAD, sys.version_info[:2], device, str(renderer.target),

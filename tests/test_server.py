@@ -133,6 +133,16 @@ def test_seeded_sampling_repeats(demo_server):
   assert ask() == ask()
 
 
+def test_left_out_fields_take_the_generation_config(demo_server):
+  """A request that gives only the prompt samples as the command line does by default: both read the demo's
+  generation_config.json (temperature 0.7, top-p 0.9, top-k 50, seed 0, 64 new tokens)."""
+  r = subprocess.run([sys.executable, str(ROOT / "olmoe.py"), "--model", str(DEMO), "--prompt", PROMPT], cwd=ROOT,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr
+  got = demo_server.client().completions.create(model="olmoe-demo", prompt=PROMPT)
+  assert got.choices[0].text == r.stdout[len(PROMPT):-1] and got.usage.completion_tokens <= 64
+
+
 def test_bad_requests_get_an_error_object_and_the_server_goes_on(demo_server):
   status, body = demo_server.post("/v1/completions", b'{"prompt": "unterminated')
   assert status == 400 and body["error"]["code"] == "invalid_json" and body["error"]["message"]
