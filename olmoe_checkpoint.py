@@ -181,8 +181,8 @@ def to_tensor(t: Stored | Tensor, dtype: DType | None = None) -> Tensor:
 
 def load_weights(model: Olmoe, state: dict[str, Stored | Tensor], dtype: DType | None = None, progress: bool = True,
                  quantize: str | None = None) -> None:
-  """Assign every checkpoint tensor to the model, checking names and shapes; read layer by layer from disk. With
-  quantize="int8", the large weights are quantised as they are read (olmoe_int8.py)."""
+  """Assign every checkpoint tensor to the model, checking names and shapes; read one tensor at a time from disk, with a
+  progress bar of the bytes read. With quantize="int8", the large weights are quantised as they are read (olmoe_int8.py)."""
   import olmoe_int8
   ours = model.parameters()
   got = dict(hf_to_ours(state, model.cfg))
@@ -196,15 +196,16 @@ def load_weights(model: Olmoe, state: dict[str, Stored | Tensor], dtype: DType |
   dtype = dtype or got["embed_tokens"].dtype
   if dtype not in (dtypes.float32, dtypes.bfloat16, dtypes.float16):
     raise OlmoeError(f"unsupported weight dtype {dtype}")
-  groups: dict[str, list[str]] = {}                                        # read one decoder layer at a time
-  for name in got: groups.setdefault(".".join(name.split(".")[:2]) if name.startswith("layers.") else name, []).append(name)
-  for g in tqdm(list(groups), desc="loading", disable=not progress):
-    for name in groups[g]:
+  nbytes = lambda t: math.prod(t.shape) * t.dtype.itemsize
+  with tqdm(total=sum(nbytes(t) for t in got.values()), unit="B", unit_scale=True, disable=not progress,
+            desc="loading and quantising" if quantize else "loading") as bar:   # bytes read from the files
+    for name, t in got.items():
       if quantize and olmoe_int8.is_quantised(name):                     # held as int8 + row scales
-        _set(model, name, olmoe_int8.read_int8(got[name]))
-        continue
-      t = to_tensor(got[name], dtype)
-      _set(model, name, (t if t.dtype == dtype else t.cast(dtype)).contiguous().realize())
+        _set(model, name, olmoe_int8.read_int8(t))
+      else:
+        w = to_tensor(t, dtype)
+        _set(model, name, (w if w.dtype == dtype else w.cast(dtype)).contiguous().realize())
+      bar.update(nbytes(t))
   if model.cfg.tie_word_embeddings: model.lm_head = model.embed_tokens
 
 def _set(model: Olmoe, name: str, t: Tensor) -> None:

@@ -2,11 +2,12 @@
 
 Oracles: the `safetensors` library (it reads what we write, and it too refuses each malformed file), numpy, and the
 command line's exit code and stderr."""
-import json, struct, subprocess, sys
+import json, re, struct, subprocess, sys
 import numpy as np
 import pytest
 from safetensors import safe_open
 from conftest import ROOT
+import olmoe
 from olmoe import OlmoeError
 from olmoe_checkpoint import Raw, bf16_bits, raw_to_numpy, read_raw, read_safetensors_header, to_raw, write_safetensors
 
@@ -106,3 +107,18 @@ def test_cli_names_the_file_of_a_checkpoint_with_random_first_bytes(tmp_path):
                      capture_output=True, text=True, timeout=300)
   lines = r.stderr.strip().splitlines()
   assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and "model.safetensors" in lines[0], r.stderr
+
+
+def test_progress_counts_the_bytes_read(capsys):
+  """Loading with progress shows a bar in bytes whose total is the checkpoint's tensor bytes (as the safetensors
+  library reads them) and that ends full; with --quantize int8 it says it quantises."""
+  from safetensors.torch import load_file
+  demo = ROOT / "models" / "olmoe-demo"
+  total = sum(a.numel() * a.element_size() for a in load_file(demo / "model.safetensors").values())
+  for quantize, label in ((None, "loading:"), ("int8", "loading and quantising:")):
+    olmoe.load(str(demo), progress=True, quantize=quantize)
+    last = capsys.readouterr().err.strip().split("\r")[-1]
+    assert last.startswith(label) and "100%" in last, last
+    done, whole = re.search(r"\| ([\d.]+[kMG]?)/([\d.]+[kMG]?) ", last).groups()
+    value = lambda s: float(s.rstrip("kMG")) * {"k": 1e3, "M": 1e6, "G": 1e9}.get(s[-1], 1)
+    assert done == whole and abs(value(whole) - total) <= 0.01 * total, (whole, total)
