@@ -281,3 +281,141 @@ def test_site_builds_strict_and_offline(tmp_path):
   assert 'href="../source/olmoe/#L' in router
   assert (site / "source" / "olmoe" / "index.html").exists() and (site / "api" / "index.html").exists()
   assert "load_balancing_loss" in (site / "api" / "index.html").read_text(encoding="utf-8")
+
+
+# ===================================== design choices, opt-out guarantees, serving =====================================
+
+def _comb(n: int, r: int) -> int:
+  """n choose r by the multiplicative formula in exact integers (independent of math.comb, which the snippets use)."""
+  out = 1
+  for i in range(r): out = out * (n - i) // (i + 1)
+  return out
+
+def test_design_parameters_from_the_model_equal_the_hand_count():
+  """design_params.py counts OLMoE-1B-7B from the model olmoe.py builds; the oracle is the count from the config's
+  shapes by hand (the spec's 6.919B total, 1.282B active), and the page's ratios follow from it."""
+  out, env = run("snippets/design_params.py")
+  V, D, I, L, E, k = 50304, 2048, 1024, 16, 64, 8
+  shared = 2 * V * D + D + L * (4 * D * D + 4 * D + E * D)   # embedding + LM head, final norm; attention, norms, router
+  assert env["total"] == shared + L * E * 3 * D * I == 6_919_161_856
+  assert env["active"] == shared + L * k * 3 * D * I == 1_282_017_280
+  assert f"forward {2 * (env['active'] - V * D) / 1e9:.2f} GFLOP per token" in out
+  text = page("design.md")
+  assert f"A dense model with {env['active'] / 1e9:.1f}B parameters" in text
+  assert f"holds {env['total'] / env['active']:.1f} times fewer weights" in text
+  assert f"for OLMoE-1B-7B, {env['total'] / 1e9:.1f}B with their gradients" in text
+  import olmoe, flexolmo, inspect
+  cfg = olmoe.OlmoeConfig()
+  assert (cfg.router_aux_loss_coef, cfg.router_z_loss_coef) == (0.01, 0.001)   # the page's alpha and beta
+  assert inspect.signature(flexolmo.train_expert).parameters["z_loss"].default == 0.001
+  assert "alpha = 0.01" in text and "beta = 0.001" in text and "weight 0.001" in text
+
+def test_design_granularity_table():
+  out, env = run("snippets/design_granularity.py")
+  assert env["rows"] == {E: _comb(E, 8 * 1024 // (64 * 1024 // E)) for E in (8, 16, 32, 64, 128)}
+  assert env["rows"][64] == 4_426_165_368 and env["shared"] == _comb(63, 7)
+  assert env["rows"][64] == 8 * env["shared"]                   # C(64, 8) / C(63, 7) = 64 / 8
+  text = page("design.md")
+  assert f"about {env['rows'][64] / 1e9:.1f} billion combinations" in text
+  assert "exactly 64/8 = 8 times fewer expert sets" in text
+  assert f"about {29.4 / 24.4 - 1:.1f}" == "about 0.2" and "about a fifth more" in text   # the paper's 29.4k vs 24.4k
+  # "Exercise 2 ... runs the comparison on 768 tokens": three samples of 256 tokens
+  assert 'DOMAINS, T = ("prose", "code", "math"), 256' in (DOCS / "notebooks" / "expert_choice.py").read_text()
+  assert "on 768 tokens" in text
+
+def test_design_routing_token_choice_and_expert_choice():
+  """The demo's token choice is numpy's top-k of the router softmax; expert choice fills every expert with exactly C
+  tokens and leaves some tokens with none; only expert choice changes when the text is cut (the model was run on
+  the first half by the snippet itself)."""
+  out, env = run("snippets/design_routing.py")
+  p, tc, ec, C, k = env["p"], env["tc"], env["ec"], env["C"], env["k"]
+  np.testing.assert_array_equal(np.argsort(-p, -1, kind="stable")[:, :k], tc)
+  assert (ec.sum(0) == C).all() and ec.sum() == tc.size
+  assert (ec.sum(1) == 0).any() and len(set(ec.sum(1).tolist())) > 1
+  assert env["tc_changed"] == 0 and env["ec_changed"] > 0
+  assert f"of {env['ec_changed']} of them under expert choice, of 0 under token choice" in out
+
+def test_optout_guarantee_on_the_demo():
+  """The opted-out model equals the model loaded without the expert bit for bit, never chooses it, and is unchanged
+  by NaN in its weights, while the same NaN reaches the logits once the expert is back in; the smaller model's router
+  is the full router without row j (checked against the weights)."""
+  out, env = run("snippets/optout_guarantee.py")
+  j, full, without = env["j"], env["full"], env["without"]
+  np.testing.assert_array_equal(env["masked"], env["reference"])
+  assert not (env["chosen"] == j).any()
+  np.testing.assert_array_equal(env["poisoned"], env["masked"])
+  assert not np.isfinite(env["back_in"]).all()
+  for a, b in zip(full.layers, without.layers):                 # rows other than j were not poisoned
+    np.testing.assert_array_equal(np.delete(a.mlp.gate.float().numpy(), j, 0), b.mlp.gate.float().numpy())
+  assert full.cfg.num_experts == full.cfg.num_experts_per_tok == 3
+  assert "k = E = 3" in page("flexolmo-guarantees.md")
+  _, counts = run("snippets/param_counts.py")                   # the paper's 8 experts, 4 active
+  n = counts["count"](counts["FLEXOLMO_7X7B"] | {"num_experts": 8}, 4)
+  assert f"{n['total'] / 1e9:.1f}B and {n['active'] / 1e9:.1f}B by the count" in page("flexolmo-guarantees.md")
+
+def test_serving_all_to_all_against_a_second_formula():
+  """Expected remote devices from the hypergeometric product (no binomials), the page's 1 MB and 2.4 GB, and the
+  naive traffic equal to the systems snippet's."""
+  out, env = run("snippets/serving_alltoall.py")
+  E, k, L, D = 64, 8, 16, 2048
+  for G, moved in env["moved"].items():
+    miss = math.prod((E - E // G - i) / (E - i) for i in range(k))
+    assert moved == pytest.approx(2 * (G - 1) * (1 - miss) * D * 2)
+  _, sys_env = run("snippets/systems.py")
+  assert L * env["naive"] == sys_env["a2a"]
+  text = page("serving.md")
+  assert f"About {L * env['moved'][64] / 1e6:.0f} MB per token" in text
+  assert f"the {sys_env['read'] / 1e9:.1f} GB of weights a token reads" in text
+  _, design = run("snippets/design_params.py")
+  assert f"The experts hold {design['experts'] / design['total']:.0%} of OLMoE's parameters" in text
+  assert f"{E // k} for OLMoE" in text
+
+def test_serving_expert_bytes_by_hand():
+  out, env = run("snippets/serving_expert_bytes.py")
+  assert env["bf16"] == 2 * 3 * 2048 * 1024 and env["int8"] == 3 * 2048 * 1024 + 4 * (2 * 1024 + 2048)
+  assert "12.6 MB in bf16" in out and "12.9 GB in bf16" in out
+
+def test_serving_offload_statistics_recomputed():
+  """What the snippet prints about the demo's generation, recomputed from its routing with other code: an LRU cache
+  from OrderedDict, the reuse and distinct counts, and the page's comparisons with uniform routing."""
+  from collections import OrderedDict
+  out, env = run("snippets/serving_offload.py")
+  ids, L, E, k = env["ids"], env["L"], env["E"], env["k"]
+  assert (L, E, k) == (4, 16, 2) and "(\\(E = 16\\), \\(k = 2\\), 4 layers)" in (DOCS / "serving.md").read_text()
+  assert all(len(set(ids[t, l].tolist())) == k for t in range(len(ids)) for l in range(L))
+  def hits(seq, size):
+    cache, n = OrderedDict(), 0
+    for chosen in seq:
+      for e in chosen.tolist():
+        n += e in cache
+        cache[e] = None; cache.move_to_end(e)
+        if len(cache) > size: cache.popitem(last=False)
+    return n / (len(seq) * k)
+  for size in (2, 4, 8):
+    share = np.mean([hits(ids[:, l], size) for l in range(L)])
+    assert f"of {size:2d} experts per layer on the accelerator serves {share:.0%}" in out
+  shared = np.mean([len(np.intersect1d(ids[t, l], ids[t - 1, l])) for t in range(1, len(ids)) for l in range(L)])
+  assert env["again"] == pytest.approx(shared) and shared > k * k / E          # "far more often than uniform"
+  assert env["touched"] < E * (1 - (1 - k / E) ** env["B"])                    # "a little fewer than uniform"
+  assert min(env["busiest"]) > 1
+
+def test_systems_batching_numbers():
+  text = page("systems.md")
+  touched = lambda B: 64 * (1 - (1 - 8 / 64) ** B)
+  assert f"{touched(4):.1f} of 64 at B = 4, {touched(16):.0f} at B = 16" in text
+  assert touched(32) > 63 and "nearly all of them from B = 32 on" in text
+
+def test_bench_readme_decode_section_agrees_with_its_tables():
+  """The prose section on the decode step quotes figures that the tables of the same file record."""
+  bench = (ROOT / "bench" / "README.md").read_text(encoding="utf-8")
+  section = bench[bench.index("## What decides the speed of a decode step on this CPU"):bench.index("## What each optimisation gives")]
+  tables, section = " ".join(bench.replace(section, "").split()), " ".join(section.split())
+  for quoted, recorded in [("from 8.7 to 5.2 ms", "demo 8.7 -> 5.2 ms"), ("from 45.8 to 35.0 ms", "small-bf16 45.8 -> 35.0 ms"),
+                           ("from 8.9 to 1.6 s", "8.9 -> 1.6 s"), ("598 kernel calls per decode step instead of 310", "598 -> 310"),
+                           ("306 kernels per decode step instead of 254", "306 -> 254"), ("6.2 ms with them, 2.0 ms without", "6.2 -> 2.0 ms"),
+                           ("from 5.5-6.4 s to 1.7-2.6 s", "from 5.5-6.4 s to\n1.7-2.6 s"), ("81 -> 62 ms per token", "decode 81 -> 62 ms"),
+                           ("small-bf16 72 -> 61 ms", "decode 72 -> 61 ms"), ("9.2 -> 2.4 s", "9.2 -> 2.4 s"),
+                           ("3.4 ms\n  per token in a fresh process", "at 3.4 ms per token"), ("1.55 s", "1.55 -> 0.46 s"),
+                           ("44 to 26 ms", "fp32 44 -> 26 ms"), ("35 to 18 ms", "bf16 35 -> 18 ms")]:
+    assert " ".join(quoted.split()) in section, quoted
+    assert " ".join(recorded.split()) in tables, recorded
