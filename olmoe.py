@@ -678,6 +678,7 @@ def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float = 0.
 
 
 PREFILL_MULTIPLE = 16   # prompts are left-padded to a multiple of this many positions (one compiled prefill each)
+PROMPT_STEPS = 16       # a single prompt this short runs through the decode step, one id at a time (`generate`)
 
 class Step(NamedTuple):
   """One generated position for every row of the batch; routing arrays are (L, B, k) when asked for."""
@@ -691,7 +692,9 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
   """Yield one `Step` per new position for a batch of prompts (token-id lists, left-padded here).
 
   The whole prompt goes through the model in one prefill call, `TinyJit`-compiled once per padded prompt length;
-  each later token is one compiled decode step at a symbolic position. Routing stays on the device; only the
+  each later token is one compiled decode step at a symbolic position. A single prompt of at most PROMPT_STEPS ids
+  goes through that decode step instead, one id at a time: for a few ids that costs less than compiling a prefill,
+  which is most of a fresh process's wait for its first token. Routing stays on the device; only the
   last-position logits come back to sample. A row that produced a stop id (default: the config's EOS) keeps
   yielding the pad id until every row stopped.
 
@@ -706,9 +709,12 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
   routing_key = (model.top_k, None if model.expert_mask is None else model.expert_mask.numpy().tobytes()) \
                 if reuse_cache else None                     # what the held keys and values were computed with
   reuse, npad = held_prefix(model, prompts, routing_key) if reuse_cache else 0, None
+  by_steps = not reuse and B == 1 and Tp <= PROMPT_STEPS
   if reuse:                              # the cache holds the prompt's first `reuse` ids, after the same left pad
     npad = [model._held[1]]
     Tp = npad[0] + len(prompts[0])
+  elif by_steps:                         # one masked pad at position 0 (the decode step's positions start at 1)
+    npad, Tp = [1], Tp + 1
   else:
     # left-pad to a multiple of PREFILL_MULTIPLE, so that one compiled prefill serves a range of prompt lengths (not
     # where that would shorten the generation, nor with dynamic RoPE, whose frequencies depend on the length)
@@ -741,15 +747,18 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
       v_start = UOp.variable("start_pos", 1, S_max - T)       # every value keeps start_pos + T inside the cache
       logits, routing = run(extend, model, chunk, v_start.bind(start), key_ok, offset, model.expert_mask)
       at = len(new) - 1                                        # the last new id's row of the (B, T, V) logits
+    elif by_steps:
+      for j, t in enumerate(prompts[0]):
+        logits, routing = run(decoder(model, run), model, Tensor([[t]], dtype=dtypes.int32), v_pos.bind(1 + j), key_ok,
+                              offset, model.expert_mask)
+      at = -1
     else:
       ids = Tensor([[pad] * n + p for n, p in zip(npad, prompts)], dtype=dtypes.int32)        # (B, Tp)
       if (prefill := model._prefills.get(k := (B, Tp, model.expert_mask is None, model.top_k))) is None:
         prefill = model._prefills[k] = run.step(model, "prefill", k, _prefill)
       logits, routing = run(prefill, model, ids, key_ok, offset, model.expert_mask)
       at = -1
-    fed = list(prompts[0])
-    if (decode := model._decoders.get(k := (B, model.expert_mask is None, model.top_k))) is None:
-      decode = model._decoders[k] = run.step(model, "decode", k, _decode_step)
+    fed, decode = list(prompts[0]), decoder(model, run, B)
     done = [False] * B
     for n in range(min(max_new_tokens, S_max - Tp)):
       out = run(_to_host, logits, routing, with_routing, at)
@@ -765,6 +774,12 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
     for layer in model.layers: layer.self_attn.cache_kv = None
     model._held = (routing_key, npad[0], fed) if reuse_cache and B == 1 and cfg.rope_kind != "dynamic" else None
     run.finish()
+
+def decoder(model: Olmoe, run, B: int = 1):
+  """The model's compiled decode step for batch size B (made on first use)."""
+  if (decode := model._decoders.get(k := (B, model.expert_mask is None, model.top_k))) is None:
+    decode = model._decoders[k] = run.step(model, "decode", k, _decode_step)
+  return decode
 
 def held_prefix(model: Olmoe, prompts: list[list[int]], routing_key: tuple) -> int:
   """How many of a single prompt's first ids the batch-1 KV cache already holds from the previous call (a chat's

@@ -84,7 +84,8 @@ def test_greedy_generation_matches_transformers_generate(tmp_path):
                            pad_token_id=1)[:, 5:].tolist()
   ours2 = [s.tokens for s in olmoe.generate(model, shorter, max_new_tokens=24, stop_ids=())]
   assert [list(r) for r in zip(*ours2)] == theirs2
-  assert list(model._prefills) == [(2, 16, True, model.top_k), (1, 16, True, model.top_k)]
+  # the single prompt, shorter than PROMPT_STEPS, ran through the decode step: no prefill of batch 1 was made
+  assert list(model._prefills) == [(2, 16, True, model.top_k)] and len(prompts[1]) <= olmoe.PROMPT_STEPS
 
 
 def test_dynamic_rope_generates_past_the_trained_length_like_transformers(tmp_path):
@@ -428,7 +429,9 @@ def reuse_checks():
   again = run(turn, reuse_cache=True)
   fresh = run(turn)
   assert [s.tokens for s in again] == [s.tokens for s in fresh]
-  assert all((a.experts == b.experts).all() and np.abs(a.weights - b.weights).max() < 1e-6 for a, b in zip(again, fresh))
+  # the first turn (shorter than PROMPT_STEPS) went through the decode step, the fresh run through a prefill: the same
+  # keys and values to bf16 rounding, so the same experts and weights within a few bf16 steps
+  assert all((a.experts == b.experts).all() and np.abs(a.weights - b.weights).max() < 1e-2 for a, b in zip(again, fresh))
   assert model._held is None                                 # a call without reuse_cache leaves nothing to reuse
   run(turn, reuse_cache=True)
   assert olmoe.held_prefix(model, [turn[:5] + [7] + turn[6:]], model._held[0]) == 5     # up to the first change

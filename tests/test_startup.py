@@ -9,7 +9,8 @@ from tinygrad.helpers import Context
 from conftest import ROOT, save_hf_olmoe, hf_reference
 import olmoe, olmoe_speedups, flexolmo
 
-PROMPT = [5, 17, 99, 3, 250]
+PROMPT = [5, 17, 99, 3, 250, 7, 42, 128, 64, 11, 200, 33, 90, 150, 8, 21, 77, 310, 2, 45]   # longer than PROMPT_STEPS:
+# a prefill step, then decode steps
 NEW = 6
 
 pytestmark = pytest.mark.skipif(not olmoe_speedups.usable("CPU"), reason="the step cache is part of the accelerations")
@@ -187,13 +188,13 @@ def test_flexolmo_with_an_expert_opted_out_replays_its_own_steps(steps, monkeypa
 WRITER = """
 import sys, olmoe
 model, _ = olmoe.load(sys.argv[1], progress=False)
-print([s.tokens[0] for s in olmoe.generate(model, [[5, 17, 99, 3, 250]], 6, stop_ids=())])
+print([s.tokens[0] for s in olmoe.generate(model, [PROMPT], 6, stop_ids=())])
 """
 
 def test_two_processes_storing_the_same_steps_at_once(ckpts, tmp_path, monkeypatch):
   (path, theirs), _ = ckpts
   env = dict(os.environ, PYTHONPATH=str(ROOT), CACHEDB=str(tmp_path / "cache.db"))
-  procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path)], env=env, stdout=subprocess.PIPE,
+  procs = [subprocess.Popen([sys.executable, "-c", f"PROMPT = {PROMPT}" + WRITER, str(path)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
   for p in procs:
     out, err = p.communicate(timeout=600)
