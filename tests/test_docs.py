@@ -333,7 +333,7 @@ def test_design_routing_token_choice_and_expert_choice():
   assert (ec.sum(0) == C).all() and ec.sum() == tc.size
   assert (ec.sum(1) == 0).any() and len(set(ec.sum(1).tolist())) > 1
   assert env["tc_changed"] == 0 and env["ec_changed"] > 0
-  assert f"of {env['ec_changed']} of them under expert choice, of 0 under token choice" in out
+  assert f"of {env['ec_changed']} under expert choice, of 0 under token choice" in out
 
 def test_optout_guarantee_on_the_demo():
   """The opted-out model equals the model loaded without the expert bit for bit, never chooses it, and is unchanged
@@ -393,7 +393,7 @@ def test_serving_offload_statistics_recomputed():
     return n / (len(seq) * k)
   for size in (2, 4, 8):
     share = np.mean([hits(ids[:, l], size) for l in range(L)])
-    assert f"of {size:2d} experts per layer on the accelerator serves {share:.0%}" in out
+    assert f"of {size} experts per layer serves {share:.0%}" in out
   shared = np.mean([len(np.intersect1d(ids[t, l], ids[t - 1, l])) for t in range(1, len(ids)) for l in range(L)])
   assert env["again"] == pytest.approx(shared) and shared > k * k / E          # "far more often than uniform"
   assert env["touched"] < E * (1 - (1 - k / E) ** env["B"])                    # "a little fewer than uniform"

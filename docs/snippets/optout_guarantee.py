@@ -3,7 +3,7 @@
 # computes uses that expert's weights.
 # requires: models/flexolmo-demo/config.json
 import numpy as np
-from tinygrad import Tensor, dtypes
+from tinygrad import Tensor
 import flexolmo
 
 full, tok = flexolmo.load("models/flexolmo-demo", progress=False)
@@ -14,12 +14,14 @@ without, _ = flexolmo.load("models/flexolmo-demo", opt_out=[out], progress=False
 print("full:", names, " built without:", without.cfg.names())
 
 ids = Tensor([tok.encode("def add(a, b):\n    return a + b  # 12 + 30 = 42")])
-full.select_experts(opt_out=[out])                       # masked: z_j = -inf
+full.select_experts(opt_out=[out])                 # masked: z_j = -inf
 masked, routing = full(ids, return_routing=True)
 masked, reference = masked.numpy(), without(ids).numpy()
-print("max |logits opted out - logits built without| =", np.abs(masked - reference).max())
-chosen = np.stack([i.numpy() for i in routing.experts])  # (L, N, k) expert ids
-print(f"k = {full.top_k}; expert {j} ({out}) chosen in {(chosen == j).sum()} of {chosen.size} slots")
+print("max |logits opted out - logits built without| =",
+      np.abs(masked - reference).max())
+chosen = np.stack([i.numpy() for i in routing.experts])   # (L, N, k) expert ids
+print(f"k = {full.top_k}; expert {j} ({out}) chosen in {(chosen == j).sum()}",
+      f"of {chosen.size} slots")
 
 # poison the opted-out expert: NaN in its FFN weights and in its router row.
 # Any arithmetic that touched them would give NaN (NaN * 0 is NaN).
@@ -34,6 +36,6 @@ for layer in full.layers:
 poisoned = full(ids).numpy()
 print("with NaN weights, opted out: finite:", np.isfinite(poisoned).all(),
       " max |change| =", np.abs(poisoned - masked).max())
-full.select_experts()                                    # opted back in
+full.select_experts()                              # opted back in
 back_in = full(ids).numpy()
 print("with NaN weights, opted in:  finite:", np.isfinite(back_in).all())
