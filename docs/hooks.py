@@ -21,8 +21,9 @@
    run snippets, and its output block links to it. tests/test_build_notebooks.py runs the same conversion and executes
    every notebook.
 5. Demo material: `{{ include: demo/RESULTS.md }}` inserts that file when it exists; `{{ figure: NAME.png | caption }}`
-   shows a figure that demo/figures.py draws into the site at build time. Where they do not exist yet the page
-   says which script produces them.
+   shows a figure that demo/figures.py draws into the site at build time (and collapse.png, which demo/collapse.py
+   draws from its cached logs in demo/collapse/). Where they do not exist yet the page says which script produces
+   them.
 """
 from __future__ import annotations
 import ast, contextlib, hashlib, io, logging, os, re, runpy, shutil, subprocess, sys, tempfile
@@ -237,6 +238,7 @@ def notebook_json(path: Path) -> str:
 # ============================================ demo material ============================================
 
 FIGURES_SCRIPT = ROOT / "demo" / "figures.py"
+COLLAPSE_SCRIPT = ROOT / "demo" / "collapse.py"              # --plot: collapse.png from the logs in demo/collapse/
 
 def build_figures() -> Path | None:
   """Run demo/figures.py into a cached folder (once per change of the code, demo/ or models/); None if it does not
@@ -252,6 +254,9 @@ def build_figures() -> Path | None:
     log.info("drawing the figures with demo/figures.py")
     r = subprocess.run([sys.executable, str(FIGURES_SCRIPT), "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0: raise RuntimeError(f"demo/figures.py failed:\n{r.stderr[-3000:]}")
+    if COLLAPSE_SCRIPT.exists() and (ROOT / "demo" / "collapse" / "setup.json").exists():
+      r = subprocess.run([sys.executable, str(COLLAPSE_SCRIPT), "--plot", str(out)], cwd=ROOT, capture_output=True, text=True)
+      if r.returncode != 0: raise RuntimeError(f"demo/collapse.py --plot failed:\n{r.stderr[-3000:]}")
     (out / ".done").touch()
   return out
 

@@ -161,6 +161,48 @@ def test_load_balancing_snippet():
       a, b = re.findall(r"(?:by hand|olmoe:) ([\d.]+)", line)
       assert float(a) == pytest.approx(float(b), rel=1e-4)
 
+def _lb_numpy(logits: list[np.ndarray], k: int, pooled: bool) -> float:
+  """The load-balancing loss in numpy: transformers' pooled form (f summing to k) or OLMoE's per-layer mean."""
+  E = logits[0].shape[1]
+  p = [softmax(z.astype(np.float64)) for z in logits]
+  f = [np.bincount(np.argsort(-q, -1, kind="stable")[:, :k].ravel(), minlength=E) / len(q) for q in p]
+  if pooled: return E * (np.mean(f, 0) * np.mean([q.mean(0) for q in p], 0)).sum()
+  return float(np.mean([E * (fl / k * q.mean(0)).sum() for fl, q in zip(f, p)]))
+
+def test_lb_conventions_snippet():
+  out, env = run("snippets/lb_conventions.py")
+  E, k, halves = env["E"], env["k"], env["halves"]
+  pooled, per_layer = _lb_numpy(halves, k, True), _lb_numpy(halves, k, False)
+  assert pooled == pytest.approx(k, abs=1e-6) and 1.8 < per_layer < 2.0           # "about twice the balanced value"
+  assert f"transformers  LB = {pooled:.4f}" in out and f"olmoe         LB = {per_layer:.4f}" in out
+  grads = dict(re.findall(r"(transformers|olmoe) .*\|d LB / d z\| = ([\d.e+-]+)", out))
+  assert float(grads["transformers"]) < 1e-6 < 1e-4 < float(grads["olmoe"])       # no pull pooled, a pull per layer
+  # alpha: one layer, exactly k times; three layers of random logits, not
+  assert _lb_numpy(env["one"], k, True) == pytest.approx(k * _lb_numpy(env["one"], k, False), rel=1e-9)
+  assert f"= k x olmoe {k * _lb_numpy(env['one'], k, False):.4f}" in out
+  ratio = _lb_numpy(env["three"], k, True) / _lb_numpy(env["three"], k, False)
+  assert abs(ratio - k) > 0.1 and f"ratio {ratio:.4f};" in out
+  assert "0.01}{8} = 0.00125" in page("load-balancing.md") and 0.01 / 8 == 0.00125
+
+def test_lb_batches_snippet():
+  out, env = run("snippets/lb_batches.py")
+  E, logits, seqs = env["E"], env["logits"], env["seqs"]
+  lb = lambda names: _lb_numpy([np.concatenate([logits[s] for s in names])], 1, False)
+  want = [lb(seqs), np.mean([lb(seqs[:2]), lb(seqs[2:])]), np.mean([lb([s]) for s in seqs])]
+  np.testing.assert_allclose(list(env["levels"].values()), want, rtol=1e-5)
+  assert want[0] == pytest.approx(1) and want[0] < want[1] < want[2]              # global < micro-batch < sequence
+
+def test_bias_balancing_snippet():
+  out, env = run("snippets/bias_balancing.py")
+  # the last routing chose the top-k of p + b (the bias before its last update), by numpy
+  p, i, b = env["p"], env["i"], env["b_before"]
+  top = np.argsort(-(p + b), -1, kind="stable")[:, :env["k"]]
+  assert (np.sort(top, 1) == np.sort(i, 1)).all()
+  rows = [l.split() for l in out.splitlines() if re.match(r"\s*\d+\s+\d\.\d\d ", l)]
+  first, last = max(map(float, rows[0][1:9])), max(map(float, rows[-1][1:9]))
+  assert first > 2.5 and last - 1 < (first - 1) / 3                                 # "much closer to uniform"
+  assert "True" in out and int(re.search(r"differs from the chosen: (\d+) of 64", out)[1]) > 32   # "most tokens"
+
 def test_capacity_snippet():
   out, env = run("snippets/capacity.py")
   keep, i, E = env["keep_within_capacity"], env["i"], env["E"]
