@@ -18,15 +18,16 @@ Sections, in the order data flows: config, building blocks (linear, norm, rope, 
 experts and the MoE block, the decoder, losses, then generation and loading. Two short sections hold what the
 model needs from tinygrad for speed ("tinygrad helpers") and the command line. A `.contiguous()` tagged
 `# materialised` computes a tensor into memory once, because tinygrad would otherwise recompute it inside every
-kernel that reads it; it changes no value (docs/systems.md says where it matters).
+kernel that reads it; it changes no value (bench/README.md says where it matters).
 
 Elsewhere: the tokenizer (olmoe_tokenizer.py), reading and writing checkpoints (olmoe_checkpoint.py), the command
-line's options (olmoe_cli.py), and runtime accelerations of tinygrad's CPU backend that `generate` uses when they
+line's options (olmoe_cli.py), GGUF files (olmoe_gguf.py), and runtime accelerations of tinygrad's CPU backend that `generate` uses when they
 apply (olmoe_speedups.py; nothing in this file needs them).
 
 Not handled: expert parallelism and the other distributed-training features of the original codebase (training
 runs on one device), rope types other than default/linear/dynamic, `attention_bias=True`, sliding windows, quantised
-weights other than olmoe_int8.py's weight-only int8 (`load(..., quantize="int8")`), and speculative decoding.
+weights other than olmoe_int8.py's weight-only int8 (`load(..., quantize="int8")`) and the GGUF types olmoe_gguf.py
+reads (Q8_0, Q4_0, Q4_K, Q6_K), and speculative decoding.
 """
 from __future__ import annotations
 import math, sys
@@ -866,9 +867,10 @@ def step_runner():
 def load(name: str, dtype: DType | str | None = None, progress: bool = True,
          quantize: str | None = None) -> tuple[Olmoe, "Tokenizer | None"]:
   """(model, tokenizer) from a folder holding config.json, safetensors (sharded or not) and tokenizer.json, or a hub
-  repo id. Weights keep their stored dtype unless `dtype` is given ("float32" to compare with an fp32 reference);
-  quantize="int8" holds the large ones in int8 (olmoe_int8.py). The files are read by olmoe_checkpoint.py, the
-  tokenizer by olmoe_tokenizer.py."""
+  repo id, or a GGUF file (or a folder holding one: olmoe_gguf.py, its quantised weights kept quantised). Weights
+  keep their stored dtype unless `dtype` is given ("float32" to compare with an fp32 reference); quantize="int8"
+  holds the large ones in int8 (olmoe_int8.py). The files are read by olmoe_checkpoint.py, the tokenizer by
+  olmoe_tokenizer.py."""
   from olmoe_checkpoint import load_checkpoint
   return load_checkpoint(name, OlmoeConfig, Olmoe, dtype, progress, quantize=quantize)
 

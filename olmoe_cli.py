@@ -18,7 +18,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                   "turn (repeat for several turns; none: read turns from stdin)")
   ap.add_argument("--chat", action="store_true", help="talk with a chat model through its chat template (Ctrl-D ends)")
   ap.add_argument("--system", default=None, help="with --chat: a system message that opens the conversation")
-  ap.add_argument("--model", default=None, help="folder with config.json + safetensors + tokenizer.json, or a hub repo id")
+  ap.add_argument("--model", default=None,
+                  help="folder with config.json + safetensors + tokenizer.json, a hub repo id, or a GGUF file (olmoe.py)")
   # sampling: a flag given wins, then the model folder's generation_config.json, then greedy with 64 new tokens
   ap.add_argument("--max-new-tokens", type=int, default=None, help="(default: generation_config.json's, else 64)")
   ap.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: generation_config.json's)")
