@@ -182,6 +182,8 @@ def test_lb_conventions_snippet():
   assert f"= k x olmoe {k * _lb_numpy(env['one'], k, False):.4f}" in out
   ratio = _lb_numpy(env["three"], k, True) / _lb_numpy(env["three"], k, False)
   assert abs(ratio - k) > 0.1 and f"ratio {ratio:.4f};" in out
+  assert float(re.search(r"max \|0.01/k grad_t - 0.01 grad_o\| = ([\d.e+-]+)", out)[1]) < 1e-9   # "to the last bit"
+  assert float(re.search(r"cosine ([\d.-]+)", out)[1]) < 0.9                    # "cosine well below 1"
   assert "0.01}{8} = 0.00125" in page("load-balancing.md") and 0.01 / 8 == 0.00125
 
 def test_lb_batches_snippet():

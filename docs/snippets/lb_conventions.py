@@ -36,8 +36,8 @@ for conv, balanced in (("transformers", k), ("olmoe", 1)):
 rng = np.random.default_rng(0)
 one = [rng.normal(size=(N, E)).astype(np.float32) * 2]
 (t, gt), (o, go) = lb_and_grad(one, "transformers"), lb_and_grad(one, "olmoe")
-print(f"one layer, random logits:  transformers {t:.4f} = k x olmoe {k * o:.4f};"
-      f"  max |0.01/k grad_t - 0.01 grad_o| = {np.abs(0.01 / k * gt - 0.01 * go).max():.1e}")
+print(f"one layer, random logits:  transformers {t:.4f} = k x olmoe {k * o:.4f};")
+print(f"  max |0.01/k grad_t - 0.01 grad_o| = {np.abs(0.01 / k * gt - 0.01 * go).max():.1e}")
 # several layers: uniform routing gives k and 1; layers that route differently,
 # no exact factor
 uniform = [np.zeros((N, E), np.float32) + np.arange(E, dtype=np.float32) * 1e-4 * (n % 2)
