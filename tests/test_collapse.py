@@ -80,6 +80,7 @@ def test_the_page_states_what_the_logs_say(logs):
   assert f"{setup['steps']} steps" in text and f"({setup['batch_size']} windows of {setup['seq_len']} tokens" in text
   assert f"| `bias` | 0 | \\gamma = {setup['gamma']} |" in text and f"| `lb` | {setup['alpha']} |" in text
   assert f"beta = {setup['beta']}" in text and "over the last 50 steps" in text and "window of 25 steps" in text
+  assert setup["lr"] == 3e-3 and "learning rate of 3 \\cdot 10^{-3}" in text
   s = {kind: summary(log) for kind, log in logs.items()}
   off, lb, bias = (np.array(logs[k]["load"]) for k in ("off", "lb", "bias"))
   L, E = off.shape[1:]
