@@ -13,6 +13,7 @@ import olmoe, olmoe_int8, olmoe_speedups, flexolmo
 from olmoe import OlmoeError
 
 DEMO = ROOT / "models" / "olmoe-demo"
+LONG_PROMPT = [5, 9, 17, 33, 2, 40, 61, 7, 88, 13, 21, 34, 55, 89, 144, 233, 3, 6, 12, 24]   # > PROMPT_STEPS: a prefill
 
 
 def rule(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -126,7 +127,7 @@ def test_generate_with_step_cache_in_one_process(models, tmp_path, monkeypatch):
   runner = olmoe_speedups.runner("CPU")
   if not isinstance(runner, olmoe_speedups.Runner): pytest.skip("the step cache is off (OLMOE_SPEEDUPS=0 or another tinygrad)")
   monkeypatch.setattr(runner, "steps", olmoe_speedups.StepCache(tmp_path / "steps"))
-  prompt = [5, 9, 17, 33]
+  prompt = LONG_PROMPT
   want = greedy_by_forward(q, prompt, 6)
   for _ in range(2): assert [s.tokens[0] for s in olmoe.generate(q, [prompt], 6, stop_ids=())] == want
   files = sorted((tmp_path / "steps").glob("*.pkl"))
@@ -151,7 +152,7 @@ import olmoe, olmoe_speedups
 model, _ = olmoe.load(sys.argv[1], "float32", progress=False, quantize="int8")
 olmoe_speedups.runner("CPU").steps.folder = Path(sys.argv[2])
 before = sorted(p.name for p in Path(sys.argv[2]).glob("*.pkl"))
-tokens = [s.tokens[0] for s in olmoe.generate(model, [[5, 9, 17, 33]], 6, stop_ids=())]
+tokens = [s.tokens[0] for s in olmoe.generate(model, [PROMPT], 6, stop_ids=())]
 print(json.dumps({"tokens": tokens, "before": before}))
 """
 
@@ -160,13 +161,13 @@ def test_generate_with_step_cache_in_two_processes(ckpt, models, tmp_path):
   generates the same tokens, which are the plain forward pass's."""
   _, q, _ = models
   env = dict(os.environ, PYTHONPATH=str(ROOT))
-  run = lambda: subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(tmp_path)], env=env, capture_output=True,
-                               text=True, timeout=600)
+  run = lambda: subprocess.run([sys.executable, "-c", f"PROMPT = {LONG_PROMPT}" + CHILD, str(ckpt), str(tmp_path)],
+                               env=env, capture_output=True, text=True, timeout=600)
   first = run(); assert first.returncode == 0, first.stderr[-3000:]
   second = run(); assert second.returncode == 0, second.stderr[-3000:]
   a, b = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (first, second))
   assert a["before"] == [] and len(b["before"]) >= 2
-  assert a["tokens"] == b["tokens"] == greedy_by_forward(q, [5, 9, 17, 33], 6)
+  assert a["tokens"] == b["tokens"] == greedy_by_forward(q, LONG_PROMPT, 6)
 
 
 def cli(script: str, *args):
