@@ -337,8 +337,8 @@ def train_expert(public: Path, data: list[Path], out: Path, name: str, steps: in
     loss = logits.float().sparse_categorical_crossentropy(x[:, 1:]) + z_loss * olmoe.router_z_loss(routing.logits)
     opt.zero_grad()
     loss.backward()
-    opt.step()
-    return loss.realize()
+    Tensor.realize(*opt.schedule_step(), loss)         # one realize: the loss is read before the weights change
+    return loss
   rng, losses = np.random.default_rng(seed), []
   run = olmoe.step_runner()                     # the compiled step as generate runs its own (olmoe_speedups)
   try:

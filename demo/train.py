@@ -288,8 +288,9 @@ def train(data_dir: Path, out: Path, work: Path, arch: str = "olmoe", domains: t
     loss, parts = olmoe.lm_loss(model, x)
     opt.zero_grad()
     loss.backward()
-    opt.step()
-    return Tensor.stack(loss, parts["ce"], parts["lb"], parts["z"]).realize(), parts["load"].realize()
+    values, load = Tensor.stack(loss, parts["ce"], parts["lb"], parts["z"]), parts["load"]
+    Tensor.realize(*opt.schedule_step(), values, load)   # one realize: the values are read before the weights change
+    return values, load
 
   snap_steps = sorted({max(1, round(f * steps)) for f in snapshots})
   t0 = time.time() - log["seconds"]
