@@ -1,9 +1,9 @@
 """MkDocs hooks (mkdocs.yml `hooks:`) that keep the site tied to the code it explains.
 
 1. Source pages: the model files (olmoe.py, flexolmo.py), the modules beside them (olmoe_tokenizer.py,
-   olmoe_checkpoint.py, olmoe_cli.py, olmoe_speedups.py, olmoe_compiler.py) and demo/analysis.py are published as
-   `source/<stem>.md`, one code block whose line numbers are anchors (`#L120`; `#L120-L135` highlights a range, see
-   assets/source-lines.js).
+   olmoe_checkpoint.py, olmoe_cli.py, olmoe_speedups.py, olmoe_compiler.py, olmoe_int8.py, olmoe_gguf.py) and
+   demo/analysis.py are published as `source/<stem>.md`, one code block whose line numbers are anchors (`#L120`;
+   `#L120-L135` highlights a range, see assets/source-lines.js).
 2. Code links: in a page, `[route()](olmoe.py#route)` becomes a link to the lines of `route` in the source page,
    found with `ast` when the site is built, so links follow the code when it moves; every published file works the
    same way (`[hf_to_ours](olmoe_checkpoint.py#hf_to_ours)`). A dotted name reaches methods and class fields
@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 MODULES = ("olmoe.py", "flexolmo.py", "olmoe_tokenizer.py", "olmoe_checkpoint.py", "olmoe_cli.py", "olmoe_speedups.py",
-           "olmoe_compiler.py")                               # the project's modules, the model files first
+           "olmoe_compiler.py", "olmoe_int8.py", "olmoe_gguf.py")   # the project's modules, the model files first
 SOURCES = (*MODULES, "demo/analysis.py")                      # published as source/<stem>.md
 CACHE = Path(tempfile.gettempdir()) / "olmoe-tinygrad-docs"
 log = logging.getLogger("mkdocs.hooks.olmoe_docs")
@@ -129,8 +129,8 @@ def _files(folder: str) -> list[Path]:
 def dependencies(path: Path) -> list[Path]:
   """The repository files a snippet's output can depend on: every project module if it imports one (they import
   each other: flexolmo.py builds on olmoe.py, loading goes through olmoe_checkpoint.py, generation through
-  olmoe_speedups.py), demo/ if it imports from there, and the bundled models (and the code that runs them) if it
-  names one."""
+  olmoe_speedups.py), demo/ if it imports from there, the bundled models (and the code that runs them) if it
+  names one, and the files of its `# requires:` lines."""
   text = path.read_text(encoding="utf-8")
   imported = {a.name.split(".")[0] for node in ast.walk(ast.parse(text)) if isinstance(node, (ast.Import, ast.ImportFrom))
                for a in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
@@ -141,7 +141,7 @@ def dependencies(path: Path) -> list[Path]:
   if uses_models: deps += _files("models")
   for name in sorted(imported):                        # another snippet it imports, and what that one uses
     if (other := path.parent / f"{name}.py").is_file() and other != path: deps += [other, *dependencies(other)]
-  return deps
+  return deps + [ROOT / r for r in requirements(path)]  # and the files it says it needs
 
 def cache_key(path: Path) -> str:
   """A hash of the snippet, of every file it depends on, and of tinygrad's version."""
