@@ -46,8 +46,9 @@ def checkpoint(name: str) -> Path:
   return out
 
 def gguf_folder(folder: Path, kind: str) -> Path:
-  """<folder>-<kind>/: the checkpoint as a GGUF file of that type (written once) beside the same tokenizer.json."""
-  out = folder.with_name(f"{folder.name}-{kind}")
+  """bench/out/<folder's name>-<kind>/: the checkpoint as a GGUF file of that type (written once) beside the same
+  tokenizer.json."""
+  out = HERE / "out" / f"{folder.name}-{kind}"
   if not (out / "model.gguf").exists():
     out.mkdir(exist_ok=True)
     subprocess.run([sys.executable, str(HERE / "make_gguf.py"), str(folder), str(out / "model.gguf"), "--type", kind], check=True)
