@@ -463,3 +463,11 @@ def test_bench_readme_decode_section_agrees_with_its_tables():
                            ("44 to 26 ms", "fp32 44 -> 26 ms"), ("35 to 18 ms", "bf16 35 -> 18 ms")]:
     assert " ".join(quoted.split()) in section, quoted
     assert " ".join(recorded.split()) in tables, recorded
+
+def test_quickstart_times_are_the_bench_table():
+  """The quickstart's whole-command times of the demo model are the warm and cold rows of bench/README.md."""
+  bench = (ROOT / "bench" / "README.md").read_text(encoding="utf-8")
+  warm = float(re.search(r"^\| warm \| ([\d.]+) \|", bench, re.M).group(1))
+  cold = float(re.search(r"^\| cold \(a new, empty cache folder\) \| ([\d.]+) \|", bench, re.M).group(1))
+  text = " ".join(page("quickstart.md").split())
+  assert f"takes about {warm:.1f} s, against about {cold:.1f} s for the very first run" in text
