@@ -749,9 +749,10 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
       logits, routing = run(extend, model, chunk, v_start.bind(start), key_ok, offset, model.expert_mask)
       at = len(new) - 1                                        # the last new id's row of the (B, T, V) logits
     elif by_steps:
+      decode = decoder(model, run, B)
       for j, t in enumerate(prompts[0]):
-        logits, routing = run(decoder(model, run), model, Tensor([[t]], dtype=dtypes.int32), v_pos.bind(1 + j), key_ok,
-                              offset, model.expert_mask)
+        logits, routing = run(decode, model, Tensor([[t]], dtype=dtypes.int32), v_pos.bind(1 + j), key_ok, offset,
+                              model.expert_mask)
       at = -1
     else:
       ids = Tensor([[pad] * n + p for n, p in zip(npad, prompts)], dtype=dtypes.int32)        # (B, Tp)
@@ -776,7 +777,7 @@ def generate(model: Olmoe, prompts: list[list[int]], max_new_tokens: int = 64, t
     model._held = (routing_key, npad[0], fed) if reuse_cache and B == 1 and cfg.rope_kind != "dynamic" else None
     run.finish()
 
-def decoder(model: Olmoe, run, B: int = 1):
+def decoder(model: Olmoe, run, B: int):
   """The model's compiled decode step for batch size B (made on first use)."""
   if (decode := model._decoders.get(k := (B, model.expert_mask is None, model.top_k))) is None:
     decode = model._decoders[k] = run.step(model, "decode", k, _decode_step)

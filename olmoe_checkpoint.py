@@ -163,6 +163,14 @@ def hf_to_ours(state: dict[str, Stored | Tensor], cfg: OlmoeConfig) -> Iterator[
            gu[0].cat(gu[1], dim=1) if isinstance(gu[0], Tensor) else _stack(gu, axis=1, new_axis=False))
     yield f"layers.{l}.mlp.experts.down_proj", parts["down_proj"]                               # (E, D, I)
 
+def device_array(shape: tuple[int, ...], dtype: DType, np_dtype) -> tuple[np.ndarray, Tensor] | None:
+  """On the CPU, a new tinygrad buffer of `shape` and `dtype` and a numpy view of its memory (as `np_dtype`), so that
+  a file or an array can be written straight into it, with no copy afterwards; None on other devices."""
+  if not hasattr(Device[Device.DEFAULT].allocator, "_as_buffer"): return None
+  out = Tensor.empty(*shape, dtype=dtype).realize()
+  mem = out.uop.buffer.ensure_allocated().as_memoryview(force_zero_copy=True)
+  return np.frombuffer(mem, np_dtype).reshape(shape), out
+
 def to_tensor(t: Stored | Tensor, dtype: DType | None = None) -> Tensor:
   """A Stored record read into a new tinygrad buffer in its stored dtype. On the CPU the file's bytes are read
   into the buffer's own memory; other devices get a host array copied over. With dtype=float32, 16-bit floats are
@@ -171,11 +179,9 @@ def to_tensor(t: Stored | Tensor, dtype: DType | None = None) -> Tensor:
   if dtype == dtypes.float32 and t.dtype != dtypes.float32:
     t.read_into(bits := np.empty(t.shape, np.uint16))
     return Tensor(widen(bits, t.dtype == dtypes.bfloat16))
-  if hasattr(Device[Device.DEFAULT].allocator, "_as_buffer"):
-    out = Tensor.empty(*t.shape, dtype=t.dtype).realize()
-    mem = out.uop.buffer.ensure_allocated().as_memoryview(force_zero_copy=True)
-    t.read_into(np.frombuffer(mem, _np_dtype(t.dtype)).reshape(t.shape))
-    return out
+  if (on_device := device_array(tuple(t.shape), t.dtype, _np_dtype(t.dtype))) is not None:
+    t.read_into(on_device[0])
+    return on_device[1]
   t.read_into(a := np.empty(t.shape, _np_dtype(t.dtype)))
   return Tensor(a) if t.dtype == dtypes.float32 else Tensor(a).bitcast(t.dtype)
 
@@ -252,10 +258,11 @@ def load_checkpoint(name: str, config_cls: type, model_cls: type, dtype: DType |
   Weights keep their stored dtype unless `dtype` is given ("float32" to compare with an fp32 reference).
   `select(cfg, state)`, given, returns the config and the not-yet-read tensors of a smaller model (FlexOlmo: only the
   kept experts), before the memory check and before anything is read. quantize="int8" holds the large weights in
-  int8 (olmoe_int8.py); None keeps them as stored."""
+  int8 (olmoe_int8.py); None keeps them as stored. A GGUF file (or a folder holding one) is read by olmoe_gguf.load."""
   from olmoe_tokenizer import Tokenizer
   from olmoe_int8 import check_quantize
   quantize = check_quantize(quantize)
+  dtype = getattr(dtypes, dtype) if isinstance(dtype, str) else dtype
   import olmoe_gguf
   if (gguf := olmoe_gguf.gguf_path(name)) is not None:         # llama.cpp's format, quantised weights kept quantised
     from olmoe import Olmoe
@@ -269,7 +276,6 @@ def load_checkpoint(name: str, config_cls: type, model_cls: type, dtype: DType |
     raise OlmoeError(f"{folder}: tokenizer.json has ids up to {tok.vocab_size - 1}, config.json's vocab_size is {cfg.vocab_size}")
   state = read_state_dict(folder)
   if select is not None: cfg, state = select(cfg, state)
-  dtype = getattr(dtypes, dtype) if isinstance(dtype, str) else dtype
   check_memory(state, dtype, folder, quantize)
   model = model_cls(cfg)
   load_weights(model, state, dtype, progress, quantize)

@@ -36,13 +36,14 @@ import math, mmap, struct
 from pathlib import Path
 from typing import NamedTuple
 import numpy as np
-from tinygrad import Device, Tensor, dtypes
+from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType
 from olmoe import OlmoeConfig, OlmoeError
 
 # ggml types: name, weights per block, bytes per block
 TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 8: ("Q8_0", 32, 34), 2: ("Q4_0", 32, 18),
          12: ("Q4_K", 256, 144), 14: ("Q6_K", 256, 210)}
+BLOCKS = {name: (per_block, block_bytes) for name, per_block, block_bytes in TYPES.values()}   # the same, by name
 KNOWN = {3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 13: "Q5_K", 15: "Q8_K", 16: "IQ2_XXS",
          17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8",
          25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M"}
@@ -178,15 +179,12 @@ def our_name(name: str) -> str | None:
 
 def _buffer(a: np.ndarray) -> Tensor:
   """A realized tinygrad buffer holding a copy of the host array a (on the CPU, written into the buffer's memory)."""
-  a = np.ascontiguousarray(a)
+  from olmoe_checkpoint import device_array
   dt = {np.dtype(np.uint8): dtypes.uint8, np.dtype(np.int8): dtypes.int8, np.dtype(np.float16): dtypes.float16,
         np.dtype(np.float32): dtypes.float32, np.dtype(np.uint16): dtypes.uint16}[a.dtype]
-  if hasattr(Device[Device.DEFAULT].allocator, "_as_buffer"):
-    out = Tensor.empty(*a.shape, dtype=dt).realize()
-    mem = out.uop.buffer.ensure_allocated().as_memoryview(force_zero_copy=True)
-    np.frombuffer(mem, a.dtype).reshape(a.shape)[...] = a
-    return out
-  return Tensor(a).realize()
+  if (on_device := device_array(a.shape, dt, a.dtype)) is None: return Tensor(np.ascontiguousarray(a)).realize()
+  on_device[0][...] = a
+  return on_device[1]
 
 def nibbles(q: Tensor) -> Tensor:
   """A row's 4-bit codes in order, from (rows, groups, n) bytes that hold a group's first n codes in their low halves
@@ -242,19 +240,19 @@ def read_tensor(g: Gguf, info: TensorInfo, f) -> Tensor:
     a = raw.view({"F32": np.float32, "F16": np.float16, "BF16": np.uint16}[info.kind]).reshape(info.shape)
     t = _buffer(a)
     return t.bitcast(dtypes.bfloat16) if info.kind == "BF16" else t
-  _, per_block, block_bytes = next(v for v in TYPES.values() if v[0] == info.kind)
+  per_block, block_bytes = BLOCKS[info.kind]
   rows = math.prod(info.shape[:-1])
   parts = repack(info.kind, raw.reshape(rows, info.shape[-1] // per_block, block_bytes))
   return dequantize(info.kind, {k: _buffer(v) for k, v in parts.items()}, info.shape)
 
-def held_bytes(info: TensorInfo) -> int:
+def loaded_bytes(info: TensorInfo) -> int:
   """Bytes a tensor takes once loaded (Q6_K's 6-bit codes are held one per byte)."""
   return math.prod(info.shape) + info.nbytes - info.nbytes * 192 // 210 if info.kind == "Q6_K" else info.nbytes
 
 def tokenizer(g: Gguf):
   """tokenizer.json beside the file when there is one, else the file's own vocabulary (see the module docstring);
   the chat template of tokenizer_config.json beside it, else the file's. None when the file has no tokenizer."""
-  from olmoe_tokenizer import Tokenizer, SPECIAL_NAMES
+  from olmoe_tokenizer import Tokenizer
   kv = g.kv
   if (beside := g.path.parent / "tokenizer.json").exists(): tok = Tokenizer.from_file(beside)
   elif "tokenizer.ggml.tokens" not in kv: return None
@@ -278,8 +276,8 @@ def tokenizer(g: Gguf):
       raise OlmoeError(f"{g.path}: malformed tokenizer ({e.__class__.__name__}: {str(e)[:100]})") from None
     ids = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
            "pad_token": "padding_token_id"}
-    tok.template_tokens = {k: tokens[i] for k, key in ids.items() if k in SPECIAL_NAMES
-                           and isinstance(i := kv.get(f"tokenizer.ggml.{key}"), int) and 0 <= i < len(tokens)}
+    tok.template_tokens = {k: tokens[i] for k, key in ids.items()
+                           if isinstance(i := kv.get(f"tokenizer.ggml.{key}"), int) and 0 <= i < len(tokens)}
   if tok.chat_template is None and isinstance(kv.get("tokenizer.chat_template"), str):
     tok.chat_template = kv["tokenizer.chat_template"]
   return tok
@@ -294,7 +292,7 @@ def gguf_path(name: str | Path) -> Path | None:
     return found[0] if found else None
   return None
 
-def load(path: str | Path, dtype: DType | str | None = None, progress: bool = True):
+def load(path: str | Path, dtype: DType | None = None, progress: bool = True):
   """(model, tokenizer) from an `olmoe` GGUF file: the quantised weights held as they are stored and dequantised in
   the kernels, the rest as stored; the model computes in fp32 unless `dtype` is given."""
   from olmoe import Olmoe
@@ -305,7 +303,7 @@ def load(path: str | Path, dtype: DType | str | None = None, progress: bool = Tr
   tok = tokenizer(g)
   if tok is not None and tok.vocab_size > cfg.vocab_size:
     raise OlmoeError(f"{g.path}: the tokenizer has ids up to {tok.vocab_size - 1}, the embeddings {cfg.vocab_size} rows")
-  dtype = getattr(dtypes, dtype) if isinstance(dtype, str) else (dtype or dtypes.float32)
+  dtype = dtype or dtypes.float32
   model = Olmoe(cfg)
   ours = model.parameters()
   want: dict[str, list[str]] = {}                          # our name -> the file's tensors it is made of
@@ -326,7 +324,7 @@ def load(path: str | Path, dtype: DType | str | None = None, progress: bool = Tr
     else: shape = g.tensors[names[0]].shape
     if shape != tuple(ours[ours_name].shape):
       raise OlmoeError(f"{g.path}: {names[0]} has shape {g.tensors[names[0]].shape}, the metadata implies {tuple(ours[ours_name].shape)}")
-  check_memory_bytes(sum(held_bytes(i) for i in g.tensors.values()), g.path)
+  check_memory_bytes(sum(loaded_bytes(i) for i in g.tensors.values()), g.path)
   total = sum(i.nbytes for i in g.tensors.values())
   with open(g.path, "rb") as f, tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress) as bar:
     for ours_name, names in want.items():

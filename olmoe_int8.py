@@ -27,7 +27,7 @@ from __future__ import annotations
 import math, re
 from typing import TYPE_CHECKING
 import numpy as np
-from tinygrad import Device, Tensor, dtypes
+from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType
 from tinygrad.uop.ops import Ops
 from olmoe import OlmoeError
@@ -85,10 +85,8 @@ def read_int8(t: Stored | Tensor) -> Tensor:
 def _int8_buffer(shape: tuple[int, ...]) -> tuple[np.ndarray, Tensor | None]:
   """Where the int8 weights are written: on the CPU, the memory of a new tinygrad buffer, with its tensor (no copy
   afterwards); elsewhere a host array, copied to the device once full (no tensor yet)."""
-  if not hasattr(Device[Device.DEFAULT].allocator, "_as_buffer"): return np.empty(shape, np.int8), None
-  out = Tensor.empty(*shape, dtype=dtypes.int8).realize()
-  mem = out.uop.buffer.ensure_allocated().as_memoryview(force_zero_copy=True)
-  return np.frombuffer(mem, np.int8).reshape(shape), out
+  from olmoe_checkpoint import device_array
+  return device_array(shape, dtypes.int8, np.int8) or (np.empty(shape, np.int8), None)
 
 def held_bytes(model) -> dict[DType, int]:
   """Bytes of the model's weight buffers, by dtype (each buffer once): what the weights hold in memory."""

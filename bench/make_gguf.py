@@ -92,7 +92,7 @@ def convert(folder: Path, out: Path, kind: str, chat_template: str | None = None
   import gguf
   from olmoe_checkpoint import read_state_dict, read_config, hf_to_ours, widen
   from olmoe import OlmoeConfig
-  from olmoe_gguf import NAMES, TYPES
+  from olmoe_gguf import NAMES, BLOCKS
   from tinygrad import Tensor, dtypes
   cfg = OlmoeConfig.from_dict(read_config(folder))
   w = gguf.GGUFWriter(str(out), "olmoe")
@@ -138,7 +138,7 @@ def convert(folder: Path, out: Path, kind: str, chat_template: str | None = None
     k = kind_of(gname)
     if k == "F32": w.add_tensor_info(gname, shape, np.dtype(np.float32), 4 * int(np.prod(shape)))
     else:
-      per, nbytes = next((v[1], v[2]) for v in TYPES.values() if v[0] == k)
+      per, nbytes = BLOCKS[k]
       byte_shape = [*shape[:-1], shape[-1] // per * nbytes]
       w.add_tensor_info(gname, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), getattr(gguf.GGMLQuantizationType, k))
   w.write_header_to_file()

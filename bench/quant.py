@@ -131,7 +131,7 @@ def main():
   import olmoe_compiler
   olmoe_compiler.use_cpu_target()                  # for this process's kernels and the children's
   folder = checkpoint(args.checkpoint)
-  where = {n: setting(folder, n) for n in names}
+  where = {n: setting(folder, n) for n in names} if {"rss", "speed"} - skip else {}   # writes the GGUF files once
   if "rss" not in skip:
     rss = {n: peak_rss_mib(*where[n]) for n in names}
     print(f"peak RSS of the whole command ({args.checkpoint}): " + ", ".join(

@@ -24,6 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "demo")]
 from olmoe import OlmoeError                    # noqa: E402
+from train import load_stats                    # noqa: E402  per layer: busiest and idlest over uniform, entropy
 
 OUT = ROOT / "demo" / "collapse"
 TOKENIZER = ROOT / "models" / "olmoe-demo" / "tokenizer.json"
@@ -100,14 +101,6 @@ def train_run(kind: str, data_dir: Path, setup: dict, progress: bool = False, ke
   return log
 
 
-def load_stats(load) -> dict[str, np.ndarray]:
-  """From loads (steps, L, E): per step and layer the busiest and idlest expert's load over uniform, and the load's
-  entropy in nats (ln E when uniform)."""
-  load = np.asarray(load, dtype=np.float64)
-  E = load.shape[-1]
-  p = np.clip(load, 1e-12, None)
-  return {"max": load.max(-1) * E, "min": load.min(-1) * E, "entropy": -(p * np.log(p)).sum(-1)}
-
 def read_logs(folder: Path = OUT) -> dict[str, dict]:
   """The cached runs, kind -> log, with "setup" (setup.json) and "load", the shares of each step's pairs (steps, L, E)."""
   folder = Path(folder)
@@ -131,7 +124,7 @@ def plot(logs: dict[str, dict], path: Path, smooth: int = 10) -> Path:
   fig, axes = plt.subplots(2, len(logs), figsize=(4.2 * len(logs), 5.6), sharex=True, sharey="row", layout="constrained")
   avg = lambda v: np.convolve(v, np.ones(smooth) / smooth, mode="valid")
   for c, (kind, log) in enumerate(logs.items()):
-    st = load_stats(log["load"])
+    st = load_stats(log["load"])                 # (steps, L) each
     E = log["num_experts"]
     x = np.arange(smooth, len(log["load"]) + 1)
     for l in range(st["max"].shape[1]):

@@ -76,13 +76,14 @@ def cross_entropy(model: olmoe.Olmoe, windows: np.ndarray, batch: int = 8) -> fl
     tot += model(x[:, :-1]).float().sparse_categorical_crossentropy(x[:, 1:]).item() * len(windows[b:b + batch])
   return tot / len(windows)
 
-def load_stats(load: np.ndarray) -> dict[str, list[float]]:
-  """Per layer, from the (L, E) shares of one step's (token, slot) pairs: the largest and smallest expert load over
-  the uniform 1/E, and the entropy of the load in nats (log E when uniform, 0 when one expert takes everything)."""
-  E = load.shape[1]
+def load_stats(load) -> dict[str, np.ndarray]:
+  """From expert loads (..., E), the shares of (token, slot) pairs (one layer's step per row): the largest and smallest
+  expert load over the uniform 1/E, and the entropy of the load in nats (log E when uniform, 0 when one expert takes
+  everything), each of shape (...)."""
+  load = np.asarray(load, dtype=np.float64)
+  E = load.shape[-1]
   p = np.clip(load, 1e-12, None)
-  return {"max": (load.max(1) * E).round(4).tolist(), "min": (load.min(1) * E).round(4).tolist(),
-          "entropy": (-(p * np.log(p)).sum(1)).round(4).tolist()}
+  return {"max": load.max(-1) * E, "min": load.min(-1) * E, "entropy": -(p * np.log(p)).sum(-1)}
 
 
 # ================================================= the data =================================================
@@ -303,7 +304,7 @@ def train(data_dir: Path, out: Path, work: Path, arch: str = "olmoe", domains: t
         values, load = run(step, x, Tensor([lr_at(i, steps, lr, warmup)], dtype=opt.lr.dtype))
         for k, v in zip(("loss", "ce", "lb", "z"), values.numpy().tolist()): log[k].append(round(v, 5))
         load = load.numpy()
-        for k, v in load_stats(load).items(): log[f"load_{k}"].append(v)
+        for k, v in load_stats(load).items(): log[f"load_{k}"].append(v.round(4).tolist())
         done = i + 1
         if done % LOAD_EVERY == 0 or done == 1: log["load"][str(done)] = load.round(4).tolist()
         bar.set_description(f"train loss {log['loss'][-1]:.3f} ce {log['ce'][-1]:.3f} lb {log['lb'][-1]:.3f}")

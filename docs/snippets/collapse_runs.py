@@ -25,9 +25,8 @@ print("|---|---|---|---|---|---|")
 for kind, log in logs.items():
   load = log["load"][-last:]                         # (last, L, E) shares of the pairs
   mean = load.mean(0) * E                            # (L, E) over uniform
-  p = np.clip(load, 1e-12, None)
-  entropy = (-(p * np.log(p)).sum(-1)).mean()
-  busiest = (load.max(-1) * E).mean()
+  st = collapse.load_stats(load)                     # per step and layer
+  entropy, busiest = st["entropy"].mean(), st["max"].mean()
   print(f"| {kind} | {idle(load)} of {L * E} | {mean.min():.2f} / {mean.max():.2f} "
         f"| {busiest:.2f} | {entropy:.2f} | {np.mean(log['ce'][-last:]):.2f} |")
 print("\n| idle experts in steps | " + " | ".join(logs) + " |")
