@@ -161,7 +161,7 @@ def mul_t(a: Tensor, b: Tensor) -> Tensor:
 def take(w: Tensor, i: Tensor) -> Tensor:
   """Rows w[i], gathered on the device. 16-bit floats move as their raw bits: exact, and tinygrad's CPU backend
   cannot gather bf16 directly."""
-  if w.dtype.itemsize != 2: return w[i]
+  if w.dtype.itemsize != 2: return embed(w, i) if TRAINING else w[i]           # embed: a backward pass that runs fast
   return w.bitcast(dtypes.uint16)[i].bitcast(w.dtype)
 
 def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
@@ -508,11 +508,27 @@ def lm_loss(model: Olmoe, ids: Tensor, attention_mask: Tensor | None = None, alp
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
   """Mean over the labelled positions of -log softmax(logits)[label] = logsumexp(logits) - logits[label]; a label of
   -100 is not counted. The fp32 logits are materialised once, so that the forward's reductions and the backward's
-  softmax read one buffer instead of each recomputing the LM head's product."""
-  x = logits.float().contiguous()                                                 # (..., V)
-  keep = labels != -100                                                           # (...)
-  picked = (labels.unsqueeze(-1) == Tensor.arange(x.shape[-1])).where(x, 0).sum(-1)   # logits[label], (...)
-  return ((x.logsumexp(-1) - picked) * keep).sum() / keep.sum().maximum(1)
+  softmax read one buffer instead of each recomputing the LM head's product; the gradient is `_cross_entropy_grads`."""
+  V = logits.shape[-1]
+  x = logits.float().reshape(-1, V).contiguous()                                  # (M, V)
+  lse = x.logsumexp(-1).detach().contiguous()                                     # (M,) its gradient is in the custom one
+  return _cross_entropy(x, labels.reshape(-1).contiguous(), lse)
+
+def _cross_entropy_grads(dout, call):
+  """d CE / d logits = (softmax(logits) - onehot(label)) / labelled count on labelled rows, 0 elsewhere, in one
+  elementwise pass over the logits (tinygrad's own backward also scatters the picked logit through a one-hot)."""
+  x, labels, lse = Tensor(call.src[1]), Tensor(call.src[2]), Tensor(call.src[3])
+  keep = labels != -100                                                           # (M,)
+  w = keep.float() * (Tensor(dout) / keep.sum().maximum(1))                       # (M,) each row's weight
+  p = (x - lse.unsqueeze(1)).exp() - (labels.unsqueeze(1) == Tensor.arange(x.shape[1])).float()   # (M, V)
+  return (p * w.unsqueeze(1)).uop, None, None
+
+@function(grad_fxn=_cross_entropy_grads)
+def _cross_entropy(x: Tensor, labels: Tensor, lse: Tensor) -> Tensor:
+  M, V = x.shape
+  keep = labels != -100                                                           # (M,)
+  picked = x.reshape(M * V)[Tensor.arange(M) * V + labels.maximum(0)]             # (M,) logits[label], gathered
+  return ((lse - picked) * keep).sum() / keep.sum().maximum(1)
 
 def expert_load(routing: Routing, num_experts: int) -> Tensor:
   """(L, E) fp32: the share of each layer's (token, slot) assignments that went to each expert (rows sum to 1)."""
@@ -598,6 +614,33 @@ def per_block(W: Tensor, e: Tensor) -> Tensor:
   """W[e] for expert weights W (E, ...) and block experts e (nb,) -> (nb, ...), whose gradient is summed per expert."""
   return _per_block(W, e.contiguous())
 
+def _embed_grads(dout, call):
+  """Backward of `embed`: dW[v] = sum of the gradients of the positions whose id is v. The positions are sorted by
+  id (`expert_order`) and each run of equal ids summed by a segmented scan (log2 N shifted additions); the run's
+  last entry is gathered for its vocabulary row. tinygrad's own backward of a gather is a scatter through a (V, N)
+  one-hot, V*N*D multiply-adds."""
+  W, i = Tensor(call.src[1]), Tensor(call.src[2])
+  (V, D), N = W.shape, i.numel()
+  i = i.reshape(N)
+  perm, _ = expert_order(i)                                                  # (N,) positions in id order
+  s, y = i[perm].contiguous(), Tensor(dout).reshape(N, D)[perm].contiguous()  # (N,), (N, D) sorted by id
+  step = 1
+  while step < N:   # y[n] += y[n - step] within a run: after the pass with step 2^j, y[n] sums up to 2^(j+1) entries
+    y = (y + (s[step:] == s[:-step]).unsqueeze(1).where(y[:-step], 0).pad(((step, 0), (0, 0)))).contiguous()
+    step *= 2
+  v = Tensor.arange(V).unsqueeze(1)                                          # (V, 1)
+  last = (i.unsqueeze(0) <= v).sum(1) - 1                                    # (V,) sorted position of v's last entry
+  present = (i.unsqueeze(0) == v).any(1)                                     # (V,) ids that occur
+  return present.unsqueeze(1).where(y[last.clip(0, N - 1)], 0).cast(W.dtype).uop, None
+
+@function(grad_fxn=_embed_grads)
+def _embed(W: Tensor, i: Tensor) -> Tensor: return W[i]
+
+def embed(W: Tensor, i: Tensor) -> Tensor:
+  """W[i] for an embedding W (V, D) and ids i (...) -> (..., D), whose gradient sums runs of sorted ids instead
+  of scattering through a one-hot (training)."""
+  return _embed(W, i.contiguous())
+
 BLOCK = 64   # rows per block of experts_in_blocks (a measured choice: bench/README.md)
 
 def experts_in_blocks(h: Tensor, g: Tensor, i: Tensor, W_gate_up: Tensor, W_down: Tensor, b: int = BLOCK) -> Tensor:
@@ -643,8 +686,9 @@ def expert_order(i: Tensor) -> tuple[Tensor, Tensor]:
   comparisons."""
   P = i.numel()
   e, p = i.reshape(P), Tensor.arange(P)                                      # (P,) expert of each pair, pair ids
-  key = e * P + p                                                            # (P,) ordered by expert, then pair
-  rank = (key.unsqueeze(0) < key.unsqueeze(1)).sum(1).contiguous()          # (P,) how many pairs come before
+  a, b = e.unsqueeze(0), e.unsqueeze(1)                                      # [q, p] compares pair q with pair p
+  before = (a < b) | ((a == b) & (p.unsqueeze(0) < p.unsqueeze(1)))          # pair q comes before pair p
+  rank = before.sum(1).contiguous()                                          # (P,) how many pairs come before
   perm = ((rank.unsqueeze(0) == p.unsqueeze(1)) * p).sum(1).contiguous()    # (P,) the pair whose rank is each position
   return perm, rank
 

@@ -203,3 +203,40 @@ def test_experts_in_blocks_equals_the_per_pair_sum_and_its_gradients(b):
   for ours, theirs in zip(xs, (th, tgu, tdn, tg)):
     assert np.abs(ours.grad.numpy() - theirs.grad.numpy()).max() <= 1e-5 * max(1, np.abs(theirs.grad.numpy()).max())
   assert np.abs(xs[1].grad.numpy()[E - 1]).max() == 0                            # an unused expert gets no gradient
+
+
+def test_embedding_gradient_sums_repeated_ids_and_leaves_absent_rows_zero():
+  # numpy's unbuffered np.add.at is the oracle: repeated ids (14 in a run, a third of another row), ids never used
+  rng = np.random.default_rng(4)
+  V, D = 37, 5
+  ids = rng.integers(0, V - 3, (3, 29)).astype(np.int32)
+  ids[1, 3:17] = 7
+  ids[2, :] = np.where(np.arange(29) % 3 == 0, 7, ids[2])
+  W, dy = rng.normal(size=(V, D)).astype(np.float32), rng.normal(size=(3, 29, D)).astype(np.float32)
+  w = Tensor(W)
+  w.requires_grad = True
+  with Context(TRAINING=1):
+    y = olmoe.take(w, Tensor(ids))
+    (y * Tensor(dy)).sum().backward()
+  ref = np.zeros_like(W)
+  np.add.at(ref, ids.reshape(-1), dy.reshape(-1, D))
+  assert np.array_equal(y.numpy(), W[ids])
+  assert np.abs(w.grad.numpy() - ref).max() <= 1e-5 * np.abs(ref).max()
+  assert np.abs(w.grad.numpy()[V - 3:]).max() == 0
+
+
+def test_cross_entropy_value_and_gradient_with_unlabelled_positions():
+  # torch's cross_entropy (ignore_index=-100, mean over labelled positions) and its autograd are the oracle
+  rng = np.random.default_rng(6)
+  x, labels = rng.normal(size=(2, 9, 13)).astype(np.float32) * 3, rng.integers(0, 13, (2, 9))
+  labels[0, :4] = -100
+  tx = torch.tensor(x, requires_grad=True)
+  ref = torch.nn.functional.cross_entropy(tx.reshape(-1, 13), torch.tensor(labels).reshape(-1), ignore_index=-100)
+  ref.backward()
+  t = Tensor(x)
+  t.requires_grad = True
+  with Context(TRAINING=1):
+    ce = olmoe.cross_entropy(t, Tensor(labels.astype(np.int32)))
+    ce.backward()
+  assert abs(ce.item() - ref.item()) <= 1e-5 * abs(ref.item())
+  assert np.abs(t.grad.numpy() - tx.grad.numpy()).max() <= 1e-6
