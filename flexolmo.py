@@ -12,13 +12,14 @@ out at inference. How it differs from olmoe.py:
   5. Experts have names (config `expert_names`); excluding one sets its router logit to -inf before the softmax,
      which is exactly deleting its router row and its FFN, and k is capped at the number of enabled experts;
      `load` does delete them: it reads only the kept experts. `attribution`: each expert's share of a generation.
-  6. The recipe: `train-expert` (coordinated training of one owner's expert) and `merge` (assemble the owners').
+  6. The recipe: `train-expert` (coordinated training of one owner's expert), `merge` (assemble the owners') and
+     `train-router` (the optional router training on proxy data after the merge, "RT").
 Same as OLMoE: the router `olmoe.route`, the stacked SwiGLU experts, the final norm, the LM head, losses, KV cache,
 generation, tokenizer and checkpoint loading. Shape comments use olmoe.py's legend (B, T, D, I, E, k, L, ...).
 
 Not handled: the learned negative expert bias of the original training code (the released checkpoints have no place
-for it), router re-training on proxy data ("RT"), and the paper's external embedder for router initialisation (the
-public model's own mean final hidden state stands in for it).
+for it), the paper's classifiers that pick proxy documents for RT (train-router takes the text it is given), and its
+external embedder for router initialisation (the public model's own router input, averaged, stands in for it).
 """
 from __future__ import annotations
 import argparse, json, os, re, shutil, sys
@@ -251,6 +252,15 @@ def read_windows(files: list[Path], tok, seq_len: int, eos: int) -> np.ndarray:
   if n == 0: raise OlmoeError(f"need at least {seq_len + 1} tokens of data, got {len(ids)}")
   return np.array(ids[: n * (seq_len + 1)], dtype=np.int32).reshape(n, seq_len + 1)
 
+def tokenizer_and_eos(folder: Path, config: dict) -> tuple[Tokenizer, int]:
+  """The folder's tokenizer and the id that ends each document of training text."""
+  if not (folder / "tokenizer.json").exists(): raise OlmoeError(f"{folder}: no tokenizer.json")
+  tok = Tokenizer.from_file(folder / "tokenizer.json")
+  eos = config.get("eos_token_id")
+  eos = eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else tok.token_to_id("<|endoftext|>")
+  if eos is None: raise OlmoeError(f"{folder}: no eos_token_id in config.json and no <|endoftext|> token")
+  return tok, eos
+
 class _Recorder:
   """Stands in for a layer's MoE block and keeps what enters it (the router's input)."""
   def __init__(self, mlp): self.mlp, self.seen = mlp, []
@@ -305,11 +315,7 @@ def train_expert(public: Path, data: list[Path], out: Path, name: str, steps: in
   check_out(out, [public])
   names = (config.get("expert_names") or ["public"])[:1] + [name]
   if not name or name == names[0]: raise OlmoeError(f"the expert needs a name other than the public expert's ({names[0]!r})")
-  if not (public / "tokenizer.json").exists(): raise OlmoeError(f"{public}: no tokenizer.json")
-  tok = Tokenizer.from_file(public / "tokenizer.json")
-  eos = config.get("eos_token_id")
-  eos = eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else tok.token_to_id("<|endoftext|>")
-  if eos is None: raise OlmoeError(f"{public}: no eos_token_id in config.json and no <|endoftext|> token")
+  tok, eos = tokenizer_and_eos(public, config)
   windows = read_windows(data, tok, seq_len, eos)
   cfg, model = two_expert_model(config, raw)
   L, D = cfg.num_hidden_layers, cfg.hidden_size
@@ -362,6 +368,51 @@ def train_expert(public: Path, data: list[Path], out: Path, name: str, steps: in
   new_config = {**config, "model_type": "flex_olmo", "architectures": ["FlexOlmoForCausalLM"], "num_experts": 2,
                 "num_experts_per_tok": 2, "expert_names": names}
   write_checkpoint(out, new_config, tensors, public / "tokenizer.json", [public])
+  return losses
+
+
+def train_router(merged: Path, data: list[Path], out: Path, steps: int = 300, lr: float = 5e-3, seq_len: int = 64,
+                 batch: int = 8, seed: int = 0, per_file: int = 128, progress: bool = True) -> list[float]:
+  """Router training on proxy data (the paper's "RT", its -RT release): after the merge, every layer's router rows
+  learn on a mix of text standing in for each domain, on the cross-entropy alone (no load balancing, no z-loss,
+  as the paper); experts, attention, norms, embeddings and LM head stay frozen. Each file gives `per_file` windows
+  (or all it has), so that each domain weighs the same. Writes the checkpoint with the new rows; every other tensor
+  is the input's bytes. Opting out still masks a row, so it still equals deleting that expert."""
+  if min(steps, seq_len, batch, per_file) <= 0 or not lr > 0:
+    raise OlmoeError("--steps, --seq-len, --batch, --per-file and --lr must be positive")
+  config = checked_config(read_config(merged), merged)
+  if config.get("model_type") != "flex_olmo": raise OlmoeError(f"{merged}: not a flex_olmo checkpoint (merge first)")
+  check_out(out, [merged])
+  tok, eos = tokenizer_and_eos(merged, config)
+  rng = np.random.default_rng(seed)
+  windows = []
+  for f in data:   # the same number of windows from every file, chosen at random
+    w = read_windows([f], tok, seq_len, eos)
+    windows.append(w[rng.choice(len(w), min(per_file, len(w)), replace=False)])
+  windows = np.concatenate(windows)
+  raw = read_raw(merged)
+  model, _ = load(str(merged), dtype="float32", progress=False)
+  for p in model.parameters().values(): p.requires_grad = False
+  rows = [layer.mlp.gate.contiguous().realize() for layer in model.layers]            # (E, D) each, trained
+  for layer, r in zip(model.layers, rows): r.requires_grad, layer.mlp.gate = True, r
+  opt = AdamW(rows, lr=lr, b1=0.9, b2=0.95, weight_decay=0.0)
+  @TinyJit
+  def step(x: Tensor) -> Tensor:
+    opt.zero_grad()
+    loss, _ = olmoe.lm_loss(model, x, alpha=0.0, beta=0.0)                            # CE alone
+    loss.backward()
+    Tensor.realize(*opt.schedule_step(), loss)         # one realize: the loss is read before the rows change
+    return loss
+  losses, run = [], olmoe.step_runner()
+  try:
+    with Context(TRAINING=1):
+      for _ in (bar := tqdm(range(steps), desc="train router", disable=not progress)):
+        losses.append(run(step, Tensor(windows[rng.integers(0, len(windows), batch)])).item())
+        bar.set_description(f"train router loss {losses[-1]:.3f}")
+  finally: run.finish()
+  tensors = dict(raw)
+  for l, r in enumerate(rows): tensors[gate_key(l)] = to_raw(r.numpy(), raw[gate_key(l)].dtype)
+  write_checkpoint(out, config, tensors, merged / "tokenizer.json", [merged])
   return losses
 
 
@@ -475,7 +526,8 @@ DEMO_MODEL = Path(__file__).resolve().parent / "models" / "flexolmo-demo"
 REAL_MODEL = "allenai/FlexOlmo-7x7B-1T"
 
 def main(argv=None) -> int:
-  """`python flexolmo.py --prompt TEXT [--experts a,b | --opt-out c]`, `... train-expert ...` or `... merge ...`."""
+  """`python flexolmo.py --prompt TEXT [--experts a,b | --opt-out c]`, `... train-expert ...`, `... merge ...` or
+  `... train-router ...`."""
   argv = sys.argv[1:] if argv is None else argv
   olmoe_compiler.use_cpu_target()                                        # before the first kernel is compiled
   if argv[:1] == ["train-expert"]:
@@ -497,6 +549,22 @@ def main(argv=None) -> int:
       losses = train_expert(a.public, a.data, a.out, a.name or a.out.name, a.steps, a.lr, a.seq_len, a.batch, a.seed,
                             a.public_data, progress=sys.stderr.isatty(), router=a.router)
       print(f"trained {a.name or a.out.name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}; wrote {a.out}")
+  elif argv[:1] == ["train-router"]:
+    ap = argparse.ArgumentParser(prog="flexolmo.py train-router", description=train_router.__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, type=Path, help="a merged FlexOlmo folder")
+    ap.add_argument("--data", required=True, nargs="+", type=Path, help="proxy text, one file per domain")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--per-file", type=int, default=128, help="windows taken from each file")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv[1:])
+    def run():
+      losses = train_router(a.model, a.data, a.out, a.steps, a.lr, a.seq_len, a.batch, a.seed, a.per_file,
+                            progress=sys.stderr.isatty())
+      print(f"trained the router rows: loss {losses[0]:.3f} -> {losses[-1]:.3f}; wrote {a.out}")
   elif "--serve" in argv:                                                # the HTTP server: olmoe_server.py
     import olmoe_server                 # every expert is loaded: a request may choose any of them
     load_model = lambda name, dtype, quantize: load(name, dtype=dtype, progress=sys.stderr.isatty(), quantize=quantize)

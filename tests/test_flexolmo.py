@@ -346,6 +346,27 @@ def test_merge_loads_in_transformers_and_matches(recipe):
   assert max_diff(model, root / "merged", ids_for(4, T=10)) <= 1e-4
 
 
+def test_train_router_changes_only_the_rows_and_lowers_the_loss(recipe, tmp_path):
+  """RT: only the router rows of the merged model change, and transformers' loss on the proxy text goes down."""
+  root, public, _ = recipe
+  merged = root / "merged"
+  if not merged.exists(): flexolmo.merge(public, [("code", root / "code"), ("prose", root / "prose")], merged)
+  before = digest(merged)
+  losses = flexolmo.train_router(merged, [root / "code.txt", root / "prose.txt"], tmp_path / "rt", steps=20, lr=3e-2,
+                                 seq_len=16, batch=4, per_file=6, progress=False)
+  assert digest(merged) == before and len(losses) == 20
+  old, new = load_file(str(merged / "model.safetensors")), load_file(str(tmp_path / "rt" / "model.safetensors"))
+  assert old.keys() == new.keys()
+  for k in old:
+    assert np.array_equal(old[k], new[k]) != k.endswith("mlp.gate.weight"), k     # the rows and nothing else changed
+  assert json.loads((tmp_path / "rt" / "config.json").read_text()) == json.loads((merged / "config.json").read_text())
+  tok = flexolmo.Tokenizer.from_file(public / "tokenizer.json")
+  ids = torch.tensor(np.concatenate([flexolmo.read_windows([root / f], tok, 16, eos=0)[:4] for f in ("code.txt", "prose.txt")]),
+                     dtype=torch.long)
+  with torch.no_grad(): loss = {n: hf_reference(d)(ids, labels=ids).loss.item() for n, d in (("before", merged), ("after", tmp_path / "rt"))}
+  assert loss["after"] < loss["before"] - 0.01, loss
+
+
 def run_cli(*args):
   return subprocess.run([sys.executable, str(ROOT / "flexolmo.py"), *map(str, args)], capture_output=True, text=True,
                         timeout=600, env={**os.environ, "NOOPT": "1"})
@@ -432,6 +453,11 @@ def test_cli_expert_selection_and_bad_input(recipe):
   assert_clean_error(run_cli("train-expert", "--public", public, "--data", root / "code.txt", "--out", root / "x",
                              "--name", "public"), "public expert")
   assert_clean_error(run_cli("train-expert", "--public", public, "--data", root / "code.txt", "--out", root / "prose"), "exists")
+  assert_clean_error(run_cli("train-router", "--model", public, "--data", root / "code.txt", "--out", root / "x",
+                             "--steps", "0"), "--steps")
+  assert_clean_error(run_cli("train-router", "--model", root / "code.txt", "--data", root / "code.txt", "--out", root / "x"),
+                     "code.txt")
+  assert_clean_error(run_cli("train-router", "--model", merged, "--data", root / "code.txt", "--out", root / "prose"), "exists")
   assert not (root / "x").exists()
 
 
