@@ -308,7 +308,7 @@ class Experts:
     """Every token through its k chosen experts: h (N, D), i (N, k) -> (N, k, D)."""
     (N, D), k = h.shape, i.shape[1]
     if N == 1: x, e, back = h.expand(k, D), i.reshape(k), None             # (P, D), (P,): one token's k pairs
-    else: x, e, back = pairs_in_expert_order(h, i)                         # (P, D), (P,), (P,) see tinygrad helpers
+    else: x, e, back = pairs_in_expert_order(h, i, self.down_proj.shape[0])   # (P, D), (P,), (P,) see tinygrad helpers
     y = expert_ffn(x, in_bounds(e, self.down_proj.shape[0]), self.gate_up_proj, self.down_proj)   # (P, D)
     return (y if back is None else y[back]).reshape(N, k, D)               # (N, k, D) in pair order
 
@@ -602,36 +602,45 @@ def rows(src: Tensor, idx: Tensor, keep: Tensor, back: Tensor) -> Tensor:
   return _rows(src.contiguous(), idx.contiguous(), keep.contiguous(), back.contiguous())
 
 def _per_block_grads(dout, call):
-  """Backward of `per_block`: dW[e] = sum of the blocks' gradients whose expert is e, one (E, nb) product."""
-  W, e, d = Tensor(call.src[1]), Tensor(call.src[2]), Tensor(dout).contiguous()
-  onehot_t = (Tensor.arange(W.shape[0]).unsqueeze(1) == e.unsqueeze(0)).float()   # (E, nb)
-  return (onehot_t @ d.reshape(e.shape[0], -1)).reshape(W.shape).uop, None
+  """Backward of `per_block`: dW[e] = sum of the gradients of the blocks whose expert is e. The block experts are
+  sorted, so these are sums of runs (`run_sums`); an (E, nb) one-hot product would repeat the work E times."""
+  W, e, d = Tensor(call.src[1]), Tensor(call.src[2]), Tensor(dout)
+  return run_sums(d, e, W.shape[0]).uop, None
 
 @function(grad_fxn=_per_block_grads)
 def _per_block(W: Tensor, e: Tensor) -> Tensor: return W[e]
 
 def per_block(W: Tensor, e: Tensor) -> Tensor:
-  """W[e] for expert weights W (E, ...) and block experts e (nb,) -> (nb, ...), whose gradient is summed per expert."""
+  """W[e] for expert weights W (E, ...) and sorted block experts e (nb,) -> (nb, ...), whose gradient is summed per
+  expert."""
   return _per_block(W, e.contiguous())
 
+def run_sums(y: Tensor, key: Tensor, K: int) -> Tensor:
+  """(K, ...) sums of the rows of y (n, ...) whose sorted keys key (n,) are equal: out[v] = sum of y[j] with key[j] = v,
+  0 for a key that does not occur. A segmented scan, log2 n passes of y[j] += y[j - s] within a run, then the last
+  row of each run gathered: O(n log n) additions where a (K, n) one-hot product would take K*n per element."""
+  n = key.shape[0]
+  y = y.contiguous()
+  step = 1
+  while step < n:   # after the pass with step 2^j, y[j] sums the last min(2^(j+1), place in its run + 1) rows of its run
+    same = (key[step:] == key[:-step]).reshape(n - step, *[1] * (y.ndim - 1))
+    y = (y + same.where(y[:-step], 0).pad(((step, 0),) + ((0, 0),) * (y.ndim - 1))).contiguous()
+    step *= 2
+  v = Tensor.arange(K).unsqueeze(1)                                          # (K, 1)
+  last = ((key.unsqueeze(0) <= v).sum(1) - 1).clip(0, n - 1)                 # (K,) each key's last row
+  present = (key.unsqueeze(0) == v).any(1).reshape(K, *[1] * (y.ndim - 1))   # (K, 1, ...) keys that occur
+  return present.where(y[last], 0)
+
 def _embed_grads(dout, call):
-  """Backward of `embed`: dW[v] = sum of the gradients of the positions whose id is v. The positions are sorted by
-  id (`expert_order`) and each run of equal ids summed by a segmented scan (log2 N shifted additions); the run's
-  last entry is gathered for its vocabulary row. tinygrad's own backward of a gather is a scatter through a (V, N)
-  one-hot, V*N*D multiply-adds."""
+  """Backward of `embed`: dW[v] = sum of the gradients of the positions whose id is v: the positions sorted by id
+  (`expert_order`), the runs of equal ids summed (`run_sums`). tinygrad's own backward of a gather is a scatter
+  through a (V, N) one-hot, V*N*D multiply-adds."""
   W, i = Tensor(call.src[1]), Tensor(call.src[2])
   (V, D), N = W.shape, i.numel()
   i = i.reshape(N)
-  perm, _ = expert_order(i)                                                  # (N,) positions in id order
-  s, y = i[perm].contiguous(), Tensor(dout).reshape(N, D)[perm].contiguous()  # (N,), (N, D) sorted by id
-  step = 1
-  while step < N:   # y[n] += y[n - step] within a run: after the pass with step 2^j, y[n] sums up to 2^(j+1) entries
-    y = (y + (s[step:] == s[:-step]).unsqueeze(1).where(y[:-step], 0).pad(((step, 0), (0, 0)))).contiguous()
-    step *= 2
-  v = Tensor.arange(V).unsqueeze(1)                                          # (V, 1)
-  last = (i.unsqueeze(0) <= v).sum(1) - 1                                    # (V,) sorted position of v's last entry
-  present = (i.unsqueeze(0) == v).any(1)                                     # (V,) ids that occur
-  return present.unsqueeze(1).where(y[last.clip(0, N - 1)], 0).cast(W.dtype).uop, None
+  perm, _ = expert_order(i, V)                                               # (N,) positions in id order
+  s, y = i[perm].contiguous(), Tensor(dout).reshape(N, D)[perm]              # (N,), (N, D) sorted by id
+  return run_sums(y, s, V).cast(W.dtype).uop, None
 
 @function(grad_fxn=_embed_grads)
 def _embed(W: Tensor, i: Tensor) -> Tensor: return W[i]
@@ -653,7 +662,7 @@ def experts_in_blocks(h: Tensor, g: Tensor, i: Tensor, W_gate_up: Tensor, W_down
   map; only the chosen experts compute, plus at most E*(b-1) padding rows."""
   (N, D), k, (E, I2, _) = h.shape, i.shape[1], W_gate_up.shape
   P, I, ar = N * k, I2 // 2, Tensor.arange(E)
-  perm, rank = expert_order(i)                                                   # (P,), (P,) sorted position <-> pair
+  perm, rank = expert_order(i, E)                                                # (P,), (P,) sorted position <-> pair
   hits = i.reshape(P).unsqueeze(1) == ar                                         # (P, E) each pair's expert
   count = hits.cast(dtypes.int32).sum(0)                                         # (E,) pairs per expert
   padded = (count + b - 1) // b * b                                              # (E,) rounded up to whole blocks
@@ -661,7 +670,8 @@ def experts_in_blocks(h: Tensor, g: Tensor, i: Tensor, W_gate_up: Tensor, W_down
   nb = (P + E * (b - 1) + b - 1) // b                                            # blocks enough for any routing
   start = (Tensor.arange(nb) * b).unsqueeze(1)                                   # (nb, 1) each block's first row
   mine = (row0 <= start) & (start < row0 + padded)                               # (nb, E) the expert whose run holds the block
-  e_blk = (mine * ar).sum(1)                                                     # (nb,) block expert (0 for spare blocks)
+  e_blk = mine.any(1).where((mine * ar).sum(1), E - 1)                          # (nb,) block expert, sorted (spare blocks
+  # at the end take the last expert: their rows are 0, so are their products and gradients)
   of_row = mine.unsqueeze(1).expand(nb, b, E).reshape(nb * b, E)                 # (R, E) with R = nb*b rows
   q = Tensor.arange(nb * b) - (of_row * row0).sum(1)                             # (R,) place in its expert's run
   keep = of_row.any(1) & (q < (of_row * count).sum(1))                           # (R,) rows that hold a pair
@@ -680,26 +690,46 @@ def in_bounds(i: Tensor, n: int) -> Tensor:
   gathered by them is in bounds, so it emits plain vector loads without checks."""
   return i.contiguous().clip(0, n - 1)
 
-def expert_order(i: Tensor) -> tuple[Tensor, Tensor]:
-  """The entries of the expert ids i, flattened to P pairs, in expert order (ties in pair order): perm (P,), the pair
-  at each position of that order, and rank (P,), the position of each pair (the inverse permutation). P*P
-  comparisons."""
-  P = i.numel()
-  e, p = i.reshape(P), Tensor.arange(P)                                      # (P,) expert of each pair, pair ids
-  a, b = e.unsqueeze(0), e.unsqueeze(1)                                      # [q, p] compares pair q with pair p
-  before = (a < b) | ((a == b) & (p.unsqueeze(0) < p.unsqueeze(1)))          # pair q comes before pair p
-  rank = before.sum(1).contiguous()                                          # (P,) how many pairs come before
-  perm = ((rank.unsqueeze(0) == p.unsqueeze(1)) * p).sum(1).contiguous()    # (P,) the pair whose rank is each position
-  return perm, rank
+def expert_order(i: Tensor, K: int) -> tuple[Tensor, Tensor]:
+  """The entries of the ids i (values in [0, K)), flattened to P pairs, in id order (ties in pair order): perm (P,),
+  the pair at each position of that order, and rank (P,), the position of each pair (the inverse permutation).
 
-def pairs_in_expert_order(h: Tensor, i: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-  """The (token, slot) pairs of i (N, k), p = n*k + s, sorted by expert: each pair's input row x (P, D) and expert
+  Counting, in chunks of C ~ sqrt(P) pairs: a pair's rank is the number of pairs of smaller id, plus those of its id
+  in earlier chunks (from per-chunk histograms), plus those in its own chunk before it; perm finds, for each position,
+  its id, the chunk that holds that occurrence and the place in the chunk. About P*(K + 2C + P/C) comparisons, where
+  comparing every pair with every other would take P*P."""
+  P = i.numel()
+  C = 1 << (P.bit_length() // 2)                                             # chunk length, about sqrt(P)
+  nc = -(-P // C)                                                            # chunks
+  e = i.reshape(P).cast(dtypes.int32).pad(((0, nc * C - P),), value=K)       # (nc*C,) padding takes id K: it sorts last
+  ids, c_ar = Tensor.arange(K + 1), Tensor.arange(C)                         # (K+1,), (C,)
+  H = (e.unsqueeze(1) == ids).reshape(nc, C, K + 1).cast(dtypes.int32).sum(1)   # (nc, K+1) histogram of each chunk
+  H_upto = H.cumsum(0).contiguous()                                          # (nc, K+1) ... of the chunks up to each
+  H_before = (H_upto - H).contiguous()                                       # (nc, K+1) ... of the chunks before each
+  count = H_upto[-1]                                                         # (K+1,) pairs of each id
+  first = (count.cumsum(0) - count).contiguous()                             # (K+1,) first position of each id
+  ec = e.reshape(nc, C)
+  same_before = (ec.unsqueeze(2) == ec.unsqueeze(1)) & (c_ar.reshape(C, 1) > c_ar)   # [c, t, u]: u < t, same id
+  within = same_before.cast(dtypes.int32).sum(2).contiguous()                # (nc, C) same id earlier in the chunk
+  p = Tensor.arange(P)
+  e, chunk = e[:P], p // C
+  rank = (first[e] + H_before.reshape(-1)[chunk * (K + 1) + e] + within.reshape(-1)[:P]).contiguous()   # (P,)
+  # perm: position r holds the j-th pair of id key, in the chunk where the running count of key passes j
+  key = ((first + count).unsqueeze(0) <= p.unsqueeze(1)).cast(dtypes.int32).sum(1)            # (P,)
+  j = p - first[key]                                                         # (P,) occurrence of key at position r
+  c = (H_upto.transpose(0, 1)[key] <= j.unsqueeze(1)).cast(dtypes.int32).sum(1).clip(0, nc - 1)   # (P,) its chunk
+  jj = j - H_before.reshape(-1)[c * (K + 1) + key]                           # (P,) occurrence within that chunk
+  t = ((ec[c] == key.unsqueeze(1)) & (within[c] == jj.unsqueeze(1))).where(c_ar, 0).sum(1)   # (P,) place in the chunk
+  return (c * C + t).contiguous(), rank
+
+def pairs_in_expert_order(h: Tensor, i: Tensor, E: int) -> tuple[Tensor, Tensor, Tensor]:
+  """The (token, slot) pairs of i (N, k) (experts in [0, E)), p = n*k + s, sorted by expert: each pair's input row x (P, D) and expert
   e (P,) in that order, and the index (P,) that puts outputs back in pair order.
 
   Side by side, the pairs of one expert find its weights, gathered for each of them, in the cache rather than in
   memory; no pair's arithmetic changes. (One token's k pairs have distinct experts: `Experts` skips the sort.)"""
   (N, _), k = h.shape, i.shape[1]
-  perm, rank = expert_order(i)                                               # (P,), (P,)
+  perm, rank = expert_order(i, E)                                            # (P,), (P,)
   return h[(perm // k).clip(0, N - 1)], i.reshape(N * k)[perm], rank.clip(0, N * k - 1)   # clips: see in_bounds
 
 

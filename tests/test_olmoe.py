@@ -180,11 +180,12 @@ def test_identity_experts_by_hand():
   assert np.allclose(out.numpy().reshape(2), expected, rtol=1e-6)
 
 
-def test_expert_order_sorts_pairs_by_expert_then_pair():
-  i = np.random.default_rng(1).integers(0, 5, (7, 3)).astype(np.int32)     # 21 pairs, 5 experts: many ties
-  perm, rank = olmoe.expert_order(Tensor(i))
+@pytest.mark.parametrize("shape,K", [((7, 3), 5), ((300,), 4096), ((64, 8), 64)])   # many ties; few; chunks filled
+def test_expert_order_sorts_pairs_by_expert_then_pair(shape, K):
+  i = np.random.default_rng(1).integers(0, K, shape).astype(np.int32)
+  perm, rank = olmoe.expert_order(Tensor(i), K)
   want = np.argsort(i.reshape(-1), kind="stable")                           # numpy's stable sort as the oracle
-  assert (perm.numpy() == want).all() and (rank.numpy()[want] == np.arange(21)).all()
+  assert (perm.numpy() == want).all() and (rank.numpy()[want] == np.arange(i.size)).all()
 
 
 def test_expert_products_in_expert_order_match_numpy_and_the_one_token_path():
