@@ -29,11 +29,10 @@ paper's owners train in parallel and never meet.
 from __future__ import annotations
 import argparse, json, shutil, subprocess, sys, time
 from pathlib import Path
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "demo")]
-import olmoe, flexolmo           # noqa: E402
+import flexolmo                  # noqa: E402
 from olmoe_tokenizer import Tokenizer   # noqa: E402
 import data as D                 # noqa: E402
 import train                     # noqa: E402
