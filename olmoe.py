@@ -626,9 +626,9 @@ def run_sums(y: Tensor, key: Tensor, K: int) -> Tensor:
     same = (key[step:] == key[:-step]).reshape(n - step, *[1] * (y.ndim - 1))
     y = (y + same.where(y[:-step], 0).pad(((step, 0),) + ((0, 0),) * (y.ndim - 1))).contiguous()
     step *= 2
-  v = Tensor.arange(K).unsqueeze(1)                                          # (K, 1)
-  last = ((key.unsqueeze(0) <= v).sum(1) - 1).clip(0, n - 1)                 # (K,) each key's last row
-  present = (key.unsqueeze(0) == v).any(1).reshape(K, *[1] * (y.ndim - 1))   # (K, 1, ...) keys that occur
+  v = Tensor.arange(K)                                                       # (K,)
+  last = ((key.unsqueeze(0) <= v.unsqueeze(1)).sum(1) - 1).clip(0, n - 1)   # (K,) each key's last row
+  present = (key[last] == v).reshape(K, *[1] * (y.ndim - 1))                 # (K, 1, ...) keys that occur
   return present.where(y[last], 0)
 
 def _embed_grads(dout, call):
@@ -723,8 +723,8 @@ def expert_order(i: Tensor, K: int) -> tuple[Tensor, Tensor]:
   return (c * C + t).contiguous(), rank
 
 def pairs_in_expert_order(h: Tensor, i: Tensor, E: int) -> tuple[Tensor, Tensor, Tensor]:
-  """The (token, slot) pairs of i (N, k) (experts in [0, E)), p = n*k + s, sorted by expert: each pair's input row x (P, D) and expert
-  e (P,) in that order, and the index (P,) that puts outputs back in pair order.
+  """The (token, slot) pairs of i (N, k) (experts in [0, E)), p = n*k + s, sorted by expert: each pair's input row
+  x (P, D) and expert e (P,) in that order, and the index (P,) that puts outputs back in pair order.
 
   Side by side, the pairs of one expert find its weights, gathered for each of them, in the cache rather than in
   memory; no pair's arithmetic changes. (One token's k pairs have distinct experts: `Experts` skips the sort.)"""

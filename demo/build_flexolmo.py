@@ -143,7 +143,7 @@ def main(argv=None) -> int:
   gap[f"{ROUTERS[0]}, then RT"] = gaps(rows, rows["public only"], f"{RT} (all experts)", {o: f"public + {o}" for o in OWNERS})
   meta = {"date": time.strftime("%Y-%m-%d"), "public_steps": a.public_steps, "expert_steps": a.expert_steps,
           "expert_lr": a.expert_lr, "expert_batch": "8 x 64 tokens", "router": ROUTERS[0], "rt_steps": a.rt_steps,
-          "bundled": "merged, then RT", "seed": a.seed, "minutes": round((time.time() - t0) / 60, 1)}
+          "bundled": RT, "seed": a.seed, "minutes": round((time.time() - t0) / 60, 1)}
   (ROOT / "demo" / "flexolmo_results.json").write_text(json.dumps({"meta": meta, "cross_entropy": rows, "ablation": ablation,
                                                                    "gaps": gap}, indent=1) + "\n")
   (ROOT / "demo" / "RESULTS.md").write_text(results_markdown(rows, ablation, gap, meta))
