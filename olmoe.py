@@ -158,6 +158,11 @@ def mul_t(a: Tensor, b: Tensor) -> Tensor:
   if TRAINING: return matmul(a, b.expand(*a.shape[:-2], *b.shape[-2:]))    # a backward pass that runs fast
   return a @ b.transpose(-1, -2)
 
+def softmax(x: Tensor) -> Tensor:
+  """softmax over the last axis (attention's)."""
+  if TRAINING: return _softmax(x.contiguous())                               # a backward pass that runs fast
+  return x.softmax(-1)
+
 def take(w: Tensor, i: Tensor) -> Tensor:
   """Rows w[i], gathered on the device. 16-bit floats move as their raw bits: exact, and tinygrad's CPU backend
   cannot gather bf16 directly."""
@@ -234,7 +239,7 @@ class Attention:
     q = q.reshape(B, nkv, nh // nkv, T, hd)                                 # (B, nkv, nh/nkv, T, hd)
     k, v = k.unsqueeze(2), v.unsqueeze(2)                                   # (B, nkv, 1, S, hd)
     scores = mul_t(q, k).cast(x.dtype) * hd ** -0.5                       # (B, nkv, nh/nkv, T, S)
-    p = mask.unsqueeze(1).unsqueeze(1).where(scores.float(), -math.inf).softmax(-1).cast(x.dtype)  # (B, nkv, nh/nkv, T, S)
+    p = softmax(mask.unsqueeze(1).unsqueeze(1).where(scores.float(), -math.inf)).cast(x.dtype)  # (B, nkv, nh/nkv, T, S)
     if T > 1: p = p.contiguous()                                            # materialised (a prefill's, for speed)
     o = mul_t(p, v.transpose(-1, -2)).cast(x.dtype)                         # (B, nkv, nh/nkv, T, hd)
     o = o.reshape(B, nh, T, hd).transpose(1, 2).reshape(B, T, nh * hd)      # (B, T, nh*hd)
@@ -499,8 +504,9 @@ def lm_loss(model: Olmoe, ids: Tensor, attention_mask: Tensor | None = None, alp
   for name, v in (("alpha", alpha), ("beta", beta)):
     if not (has_type(v, "float") and v >= 0): raise OlmoeError(f"{name} = {v!r} must be a number >= 0")
   logits, routing = model(ids, attention_mask, return_routing=True)               # (B, T, V)
-  labels = ids[:, 1:] if attention_mask is None else attention_mask[:, 1:].cast(dtypes.bool).where(ids[:, 1:], -100)
-  ce = cross_entropy(logits[:, :-1], labels)
+  nxt = ids[:, 1:] if attention_mask is None else attention_mask[:, 1:].cast(dtypes.bool).where(ids[:, 1:], -100)
+  labels = nxt.pad(((0, 0), (0, 1)), value=-100)                                  # (B, T) the last position has none
+  ce = cross_entropy(logits, labels)
   lb = load_balancing_loss(routing.logits, model.cfg.num_experts, model.top_k, attention_mask, convention)
   z = router_z_loss(routing.logits)
   return ce + alpha * lb + beta * z, {"ce": ce, "lb": lb, "z": z, "load": expert_load(routing, model.cfg.num_experts)}
@@ -549,7 +555,8 @@ def update_router_bias(model: Olmoe, routing: Routing, rate: float | None = None
 # How the model's products are written for tinygrad's compiler. Each changes the order of work, never a result
 # beyond the order of fp32 additions.
 
-LANES = 8   # partial sums of a one-row dot product
+LANES = 8           # partial sums of a one-row dot product
+PRODUCT_LANES = 4   # partial sums per output of the training path's products (a measured choice: bench/README.md)
 
 def dot(x: Tensor, w: Tensor, lanes: int = LANES) -> Tensor:
   """sum_j x_j w_j over the last axis (x and w broadcast against each other), in fp32, kept in `lanes` interleaved
@@ -557,11 +564,26 @@ def dot(x: Tensor, w: Tensor, lanes: int = LANES) -> Tensor:
 
   With one running sum every addition waits for the previous one, and a matrix-vector product runs at the adder's
   latency instead of at memory speed. A product of several rows already has independent sums (a register tile of
-  rows x outputs), so `linear` asks for lanes only when x has one row."""
+  rows x outputs), so `linear` asks for lanes only when x has one row; the training path's products (`product`) ask
+  for PRODUCT_LANES, which tinygrad's CPU kernels then add as one vector instead of one number at a time."""
   K = x.shape[-1]
   c = lanes if K % lanes == 0 else 1
   xs, ws = x.float().reshape(*x.shape[:-1], K // c, c), w.float().reshape(*w.shape[:-1], K // c, c)
   return (xs * ws).sum(-2).sum(-1)
+
+def product(a: Tensor, b: Tensor) -> Tensor:
+  """a @ b.T for a (..., M, K) and b (N, K) or a batch (..., N, K): every output a `dot` along the axis that both
+  operands hold contiguously, in PRODUCT_LANES partial sums."""
+  return dot(a.unsqueeze(-2), b if b.ndim == 2 else b.unsqueeze(-3), PRODUCT_LANES)
+
+def transposed(a: Tensor, c: int = 16) -> Tensor:
+  """a with its last two axes swapped, materialised. A large one goes through panels of c columns: (m, n) ->
+  (n/c, m, c) -> (n/c, c, m), two passes that each read whole cache lines, where one pass reading down the columns
+  would fetch a cache line for every number."""
+  *lead, m, n = a.shape
+  if n % c or m * n < 1 << 16: return a.transpose(-1, -2).contiguous()
+  panels = a.reshape(*lead, m, n // c, c).transpose(-3, -2).contiguous()   # (..., n/c, m, c)
+  return panels.transpose(-1, -2).contiguous().reshape(*lead, n, m)
 
 def _matmul_grads(dy, call):
   """(dx, dw) of y = x @ w.T: dx = dy @ w, dw = dy.T @ x, each computed from row-major copies that it reduces
@@ -572,18 +594,52 @@ def _matmul_grads(dy, call):
   O(M*(in+out)) numbers against the O(M*in*out) products they speed up."""
   x, w, dy = Tensor(call.src[1]), Tensor(call.src[2]), Tensor(dy).contiguous()
   if w.ndim == 2: x, dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])   # (M, in), (M, out)
-  t = lambda a: a.transpose(-1, -2).contiguous()
-  dx = dy @ t(w).transpose(-1, -2)                                           # (.., M, out) . (.., in, out) -> (.., M, in)
-  dw = t(dy) @ t(x).transpose(-1, -2)                                        # (.., out, M) . (.., in, M) -> (.., out, in)
-  return dx.reshape(call.src[1].shape).contiguous().uop, dw.uop      # dx materialised: read by a reduce (softmax's)
+  dx = product(dy, transposed(w))                                            # (.., M, out) . (.., in, out) -> (.., M, in)
+  dw = product(transposed(dy), transposed(x))                                # (.., out, M) . (.., in, M) -> (.., out, in)
+  return dx.reshape(call.src[1].shape).contiguous().uop, dw.contiguous().uop
 
 @function(grad_fxn=_matmul_grads)
-def _matmul(x: Tensor, w: Tensor) -> Tensor: return x @ w.transpose(-1, -2)
+def _matmul(x: Tensor, w: Tensor) -> Tensor: return product(x, w)
 
 def matmul(x: Tensor, w: Tensor) -> Tensor:
   """x @ w.T for x (..., M, in) and w (out, in), or a batch of weights w (..., out, in), with the backward pass of
-  `_matmul_grads` (the training path's products). x is materialised first, so the backward reads it."""
-  return _matmul(x.contiguous(), w)
+  `_matmul_grads` (the training path's products). x is materialised first, so the backward reads it, and so is the
+  result, so that its kernel keeps the product's own layout (a reshape or transpose after it, fused into the kernel,
+  would merge or reorder its axes and defeat tinygrad's register tiling)."""
+  return _matmul(x.contiguous(), w).contiguous()
+
+def _softmax_grads(dp, call):
+  """Backward of `_softmax` from its output p: dx = p * (dp - sum(dp * p)), no exponential recomputed."""
+  p, dp = Tensor(call.gettuple(0)), Tensor(dp)
+  return (p * (dp - (dp * p).sum(-1, keepdim=True))).uop,
+
+@function(grad_fxn=_softmax_grads)
+def _softmax(x: Tensor) -> Tensor:
+  e = (x - x.max(-1, keepdim=True)).exp().contiguous()                       # one exponential per entry
+  return e / e.sum(-1, keepdim=True)
+
+def _swiglu_grads(da, call):
+  """Backward of `swiglu` from the saved sigmoid s = sigmoid(g): silu(g) = g*s and silu'(g) = s + g*s*(1 - s), so no
+  exponential is recomputed (tinygrad's own backward of silu evaluates it again for each use)."""
+  gu, s, w, da = Tensor(call.src[1]), Tensor(call.src[2]), Tensor(call.src[3]), Tensor(da)
+  I = s.shape[-1]
+  g, u = gu[..., :I], gu[..., I:]
+  gs = g * s                                                                 # silu(g)
+  dg = da * u * w * (s + gs * (1 - s))
+  du = da * gs * w
+  return dg.cat(du, dim=-1).uop, None, (da * gs * u).sum(-1, keepdim=True).uop
+
+@function(grad_fxn=_swiglu_grads)
+def _swiglu(gu: Tensor, s: Tensor, w: Tensor) -> Tensor:
+  I = s.shape[-1]
+  return gu[..., :I] * s * gu[..., I:] * w
+
+def swiglu(gu: Tensor, w: Tensor) -> Tensor:
+  """silu(g) * u * w for gu = [g, u] (..., 2I) and row weights w (..., 1) -> (..., I), the experts' weighted SwiGLU
+  in the training path, with sigmoid(g) computed once for the forward and the backward pass."""
+  I = gu.shape[-1] // 2
+  gu = gu.contiguous()
+  return _swiglu(gu, gu[..., :I].sigmoid().detach().contiguous(), w.contiguous())
 
 def _rows_grads(dout, call):
   """Backward of `rows`: source row j was read by the output rows back[j] (M, m), so dsrc[j] = sum_t dout[back[j, t]],
@@ -660,8 +716,8 @@ def experts_in_blocks(h: Tensor, g: Tensor, i: Tensor, W_gate_up: Tensor, W_down
   Why it backpropagates well: each product's weight gradient is a per-block product summed over the blocks of
   its expert (no scatter over pairs), and the gathers of rows move gradients back by gathering through the inverse
   map; only the chosen experts compute, plus at most E*(b-1) padding rows."""
-  (N, D), k, (E, I2, _) = h.shape, i.shape[1], W_gate_up.shape
-  P, I, ar = N * k, I2 // 2, Tensor.arange(E)
+  (N, D), k, E = h.shape, i.shape[1], W_gate_up.shape[0]
+  P, ar = N * k, Tensor.arange(E)
   perm, rank = expert_order(i, E)                                                # (P,), (P,) sorted position <-> pair
   hits = i.reshape(P).unsqueeze(1) == ar                                         # (P, E) each pair's expert
   count = hits.cast(dtypes.int32).sum(0)                                         # (E,) pairs per expert
@@ -680,7 +736,7 @@ def experts_in_blocks(h: Tensor, g: Tensor, i: Tensor, W_gate_up: Tensor, W_down
   x = rows(h, pair // k, keep, row.reshape(N, k))                                # (R, D) inputs in blocks
   w = rows(g.reshape(P, 1), pair, keep, row.reshape(P, 1))                       # (R, 1) their router weights
   gu = matmul(x.reshape(nb, b, D), per_block(W_gate_up, e_blk))                  # (nb, b, 2I)
-  a = gu[..., :I].silu() * gu[..., I:] * w.reshape(nb, b, 1)                     # (nb, b, I) SwiGLU, weighted
+  a = swiglu(gu, w.reshape(nb, b, 1))                                            # (nb, b, I) SwiGLU, weighted
   y = matmul(a, per_block(W_down, e_blk)).reshape(nb * b, D)                     # (R, D)
   # back to pairs; a padding row is listed as reading the pair in `pair`, harmless: its x and w are 0, so is its gradient
   return rows(y, row, Tensor.ones(P, dtype=dtypes.bool), pair.reshape(nb * b, 1)).reshape(N, k, D).sum(1)   # (N, D)
@@ -704,7 +760,9 @@ def expert_order(i: Tensor, K: int) -> tuple[Tensor, Tensor]:
   e = i.reshape(P).cast(dtypes.int32).pad(((0, nc * C - P),), value=K)       # (nc*C,) padding takes id K: it sorts last
   ids, c_ar = Tensor.arange(K + 1), Tensor.arange(C)                         # (K+1,), (C,)
   H = (e.unsqueeze(1) == ids).reshape(nc, C, K + 1).cast(dtypes.int32).sum(1)   # (nc, K+1) histogram of each chunk
-  H_upto = H.cumsum(0).contiguous()                                          # (nc, K+1) ... of the chunks up to each
+  # (nc, K+1) ... of the chunks up to each: a product with a lower-triangular matrix of ones, exact in fp32 (counts
+  # < 2^24), where tinygrad's cumsum over a short axis reads every column once per row
+  H_upto = (Tensor.ones(nc, nc).tril() @ H.float()).cast(dtypes.int32).contiguous()
   H_before = (H_upto - H).contiguous()                                       # (nc, K+1) ... of the chunks before each
   count = H_upto[-1]                                                         # (K+1,) pairs of each id
   first = (count.cumsum(0) - count).contiguous()                             # (K+1,) first position of each id
