@@ -760,9 +760,10 @@ def expert_order(i: Tensor, K: int) -> tuple[Tensor, Tensor]:
   e = i.reshape(P).cast(dtypes.int32).pad(((0, nc * C - P),), value=K)       # (nc*C,) padding takes id K: it sorts last
   ids, c_ar = Tensor.arange(K + 1), Tensor.arange(C)                         # (K+1,), (C,)
   H = (e.unsqueeze(1) == ids).reshape(nc, C, K + 1).cast(dtypes.int32).sum(1)   # (nc, K+1) histogram of each chunk
-  # (nc, K+1) ... of the chunks up to each: a product with a lower-triangular matrix of ones, exact in fp32 (counts
-  # < 2^24), where tinygrad's cumsum over a short axis reads every column once per row
-  H_upto = (Tensor.ones(nc, nc).tril() @ H.float()).cast(dtypes.int32).contiguous()
+  # (nc, K+1) ... of the chunks up to each: a product with a lower-triangular matrix of ones, exact in fp32 while
+  # counts stay below 2^24, where tinygrad's cumsum over a short axis reads every column once per row
+  tri = (Tensor.ones(nc, nc).tril() @ H.float()).cast(dtypes.int32) if P < 1 << 24 else H.cumsum(0)
+  H_upto = tri.contiguous()
   H_before = (H_upto - H).contiguous()                                       # (nc, K+1) ... of the chunks before each
   count = H_upto[-1]                                                         # (K+1,) pairs of each id
   first = (count.cumsum(0) - count).contiguous()                             # (K+1,) first position of each id
